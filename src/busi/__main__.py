@@ -1,0 +1,3 @@
+from busi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""`python -m busi <command>`: one command per pipeline stage (see dvc.yaml)."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from busi import BusiError
+from busi.config import load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m busi", description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmd = commands.add_parser("fetch", help="fetch and verify the raw BUSI archive (BUSI_ARCHIVE or Kaggle)")
+    cmd.add_argument("--out", type=Path, default=Path("data/raw"))
+
+    cmd = commands.add_parser("merge-masks", help="OR every image's mask files into one 0/255 mask")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"))
+    cmd.add_argument("--out", type=Path, default=Path("data/masks"))
+
+    cmd = commands.add_parser("split", help="group-aware stratified train/val/test split and folds")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"))
+    cmd.add_argument("--out", type=Path, default=Path("data/splits.csv"))
+    cmd.add_argument("--report", type=Path, default=Path("metrics/split.json"))
+
+    cmd = commands.add_parser("preprocess", help="grayscale, resize and pack each split into one .npz")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"))
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
+    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"))
+    cmd.add_argument("--out", type=Path, default=Path("data/processed"))
+
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        params = load_params(args.params)  # validated before any work starts
+        summary = run(args, params)
+    except BusiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.command}: {summary} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def run(args: argparse.Namespace, params) -> str:
+    # Stage modules are imported on demand: each pulls in only what it needs (torch is slow to import).
+    if args.command == "fetch":
+        from busi.fetch import fetch
+
+        return f"{fetch(args.out)} images verified in {args.out}"
+    if args.command == "merge-masks":
+        from busi.masks import merge_masks
+
+        return f"{merge_masks(args.raw, args.out)} merged masks in {args.out}"
+    if args.command == "split":
+        from busi.split import split
+
+        report = split(args.raw, params.split, args.out, args.report)
+        totals = ", ".join(f"{s} {c['total']}" for s, c in report["counts"].items())
+        return (f"{totals}; {report['groups_with_copies']} groups of copies, "
+                f"{report['conflicts']['groups']} conflicts ({params.split.conflicts})")
+    if args.command == "preprocess":
+        from busi.preprocess import preprocess
+
+        counts = preprocess(args.raw, args.masks, args.splits, params.preprocess.image_size, args.out)
+        return ", ".join(f"{s} {n}" for s, n in counts.items()) + f" at {params.preprocess.image_size} px"
+    raise AssertionError(args.command)

@@ -1,0 +1,68 @@
+"""params.yaml: the single source of every parameter, validated before any work starts."""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from busi import BusiError
+
+
+class Section(BaseModel):
+    # Unknown keys are typos, and "0.7" is not a number: refuse both.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Fractions(Section):
+    train: float = Field(gt=0, lt=1)
+    val: float = Field(ge=0, lt=1)
+    test: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.train + self.val + self.test
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class SplitParams(Section):
+    seed: int
+    fractions: Fractions
+    conflicts: Literal["drop", "keep"]
+    folds: int = Field(ge=2)
+
+
+class PreprocessParams(Section):
+    image_size: int = Field(ge=32)
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible_by_32(cls, size: int) -> int:
+        if size % 32:
+            raise ValueError("must be divisible by 32 (the U-Net halves it five times)")
+        return size
+
+
+class Params(Section):
+    split: SplitParams
+    preprocess: PreprocessParams
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; any problem is one BusiError line naming the parameter."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BusiError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as err:
+        raise BusiError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    try:
+        return Params.model_validate(raw if raw is not None else {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise BusiError(f"{path}: {where}: {msg} (got {first['input']!r})") from None

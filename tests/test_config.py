@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from busi import BusiError
+from busi.config import load_params
+from conftest import REPO, run_env
+
+
+def write_params(path, change):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    change(params)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_repository_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.preprocess.image_size % 32 == 0
+    assert params.split.fractions.train + params.split.fractions.val + params.split.fractions.test == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p["split"].update(seeed=1), "split.seeed: Extra inputs are not permitted"),
+        (lambda p: p["split"].update(seed="42"), "split.seed: Input should be a valid integer"),
+        (lambda p: p["split"]["fractions"].update(train=0.8),
+         "split.fractions: train + val + test must sum to 1, got 1.1"),
+        (lambda p: p["preprocess"].update(image_size=200), "preprocess.image_size: must be divisible by 32"),
+        (lambda p: p["split"].update(conflicts="merge"), "split.conflicts: Input should be 'drop' or 'keep'"),
+        (lambda p: p.pop("preprocess"), "preprocess: Field required"),
+        (lambda p: p.update(trian={}), "trian: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_params_name_the_parameter(tmp_path, change, message):
+    path = write_params(tmp_path / "params.yaml", change)
+    with pytest.raises(BusiError, match=message.replace("+", r"\+")):
+        load_params(path)
+
+
+def test_cli_refuses_invalid_params_before_any_work(tmp_path):
+    write_params(tmp_path / "params.yaml", lambda p: p["preprocess"].update(image_size=100))
+    result = subprocess.run([sys.executable, "-m", "busi", "fetch"], cwd=tmp_path, env=run_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: preprocess.image_size: must be divisible by 32 (the U-Net halves it five times) "
+        "(got 100)"
+    ]
+    assert not (tmp_path / "data").exists()
+
+
+def test_malformed_yaml_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("split: [unclosed\n")
+    with pytest.raises(BusiError, match=r"params.yaml: not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("command", ["fetch", "merge-masks", "split", "preprocess"])
+def test_every_command_has_help(command):
+    result = subprocess.run([sys.executable, "-m", "busi", command, "--help"], env=run_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "usage:" in result.stdout
