@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"))
     cmd.add_argument("--out", type=Path, default=Path("data/processed"))
 
+    cmd = commands.add_parser("train", help="train the U-Net, tracked in MLflow, resumable")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
+    cmd.add_argument("--out", type=Path, default=Path("models"), help="checkpoint folder (best.pt, last.pt)")
+    cmd.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
+    cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
+
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -66,4 +72,10 @@ def run(args: argparse.Namespace, params) -> str:
 
         counts = preprocess(args.raw, args.masks, args.splits, params.preprocess.image_size, args.out)
         return ", ".join(f"{s} {n}" for s, n in counts.items()) + f" at {params.preprocess.image_size} px"
+    if args.command == "train":
+        from busi.train import train
+
+        summary = train(args.data, params, args.out, args.metrics, args.history)
+        best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best"].items())
+        return f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {best}; MLflow run {summary['run_id']}"
     raise AssertionError(args.command)

@@ -45,9 +45,66 @@ class PreprocessParams(Section):
         return size
 
 
+class ModelParams(Section):
+    encoder: str  # any segmentation_models_pytorch encoder name, or tu-<timm name>
+    encoder_weights: Literal["imagenet"] | None  # pretrained weights come from the Hugging Face hub
+    attention: Literal["scse"] | None  # Squeeze-and-Excitation in the decoder blocks
+    pooling: Literal["max", "avg"]  # avg replaces the encoder's max-pooling layers, as the study did
+    dropout: float = Field(ge=0, lt=1)  # before the classification head
+    head_pooling: Literal["avg", "max"]
+
+
+class Probability(Section):
+    p: float = Field(ge=0, le=1)
+
+
+class AffineParams(Probability):
+    scale: float = Field(ge=0, lt=1)  # +- relative zoom
+    translate: float = Field(ge=0, lt=1)  # +- fraction of the side
+    rotate: float = Field(ge=0, le=180)  # +- degrees
+
+
+class BrightnessContrastParams(Probability):
+    limit: float = Field(ge=0, le=1)
+
+
+class BlurParams(Probability):
+    max_kernel: int = Field(ge=3)
+
+
+class ClaheParams(Probability):
+    clip_limit: float = Field(gt=0)
+
+
+class AugmentParams(Section):
+    horizontal_flip: float = Field(ge=0, le=1)
+    affine: AffineParams
+    brightness_contrast: BrightnessContrastParams
+    clahe: ClaheParams
+    median_blur: BlurParams
+    gaussian_blur: BlurParams
+
+
+class TrainParams(Section):
+    seed: int
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)  # AdamW's decoupled L2, the study's weight decay
+    scheduler: Literal["cosine", "plateau"]
+    class_loss_weight: float = Field(ge=0)  # cross-entropy on the class, added to Dice + BCE on the mask
+    monitor: Literal["val_dice", "val_iou", "val_loss", "val_accuracy"]  # picks the best checkpoint
+    patience: int = Field(ge=1)  # early stopping: epochs without a better monitor value
+    precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where the CPU supports it, AMP on CUDA
+    max_train_images: int = Field(ge=0)  # 0: all; a smaller number makes quick smoke runs
+
+
 class Params(Section):
     split: SplitParams
     preprocess: PreprocessParams
+    model: ModelParams
+    augment: AugmentParams
+    train: TrainParams
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -17,8 +17,9 @@ import numpy as np
 
 WORK_HEIGHT = 320  # every image is resized to this height: bounds the work, keeps tissue detail
 N_FEATURES = 600  # ORB keypoints per image; enough for ~30 inliers on a 0.5 re-scale
-KNN = 8  # neighbours per descriptor in the pooled index
-MAX_VOTE_DIST = 40  # Hamming distance (of 256 bits) for a neighbour to count as a vote
+LSH_TABLES = 8  # hash tables: more tables find more of the near-identical descriptors
+LSH_BITS = 18  # sampled bits per hash: near-identical descriptors still collide, random ones rarely do
+MAX_BUCKET = 16  # larger buckets hold generic patterns (UI text, flat regions): ignore them
 CANDIDATES = 10  # top-voted other images to verify per image
 MIN_VOTES = 8  # fewer shared descriptors than this: not worth verifying
 RATIO = 0.8  # Lowe ratio test for the pairwise matches
@@ -60,23 +61,38 @@ def _features(path: Path) -> _Features:
     return _Features(image, factor, points, descriptors)
 
 
-def _shortlist(feats: list[_Features]) -> set[tuple[int, int]]:
-    """Vote for image pairs that share many near-identical descriptors (pooled LSH kNN)."""
+def _votes(feats: list[_Features]) -> np.ndarray:
+    """Count, per image pair, the near-identical descriptors they share (bit-sampling LSH over the pool).
+
+    Each table hashes every descriptor by LSH_BITS random bits; two descriptors of different images in one
+    bucket give their images a vote. Crowded buckets (UI text, flat regions) are skipped as uninformative.
+    """
     owner = np.concatenate([np.full(len(f.descriptors), i) for i, f in enumerate(feats)])
-    pooled = np.concatenate([f.descriptors for f in feats])
-    index = cv2.FlannBasedMatcher(dict(algorithm=6, table_number=6, key_size=12, multi_probe_level=1), {})
-    index.add([pooled])
-    index.train()
-    votes = np.zeros((len(feats), len(feats)), np.int32)
-    for query, neighbours in enumerate(index.knnMatch(pooled, k=KNN)):
-        others = {owner[m.trainIdx] for m in neighbours if m.distance <= MAX_VOTE_DIST}
-        for other in others - {owner[query]}:
-            votes[owner[query], other] += 1
-    votes += votes.T
+    bits = np.unpackbits(np.concatenate([f.descriptors for f in feats]), axis=1)
+    n = len(feats)
+    votes = np.zeros(n * n, np.int64)
+    rng = np.random.default_rng(0)
+    for _ in range(LSH_TABLES):
+        keys = bits[:, rng.choice(bits.shape[1], LSH_BITS, replace=False)] @ (1 << np.arange(LSH_BITS))
+        order = np.argsort(keys, kind="stable")
+        keys, owners = keys[order], owner[order]
+        _, size = np.unique(keys, return_counts=True)
+        small = np.repeat(size <= MAX_BUCKET, size)
+        for d in range(1, MAX_BUCKET):
+            same = (keys[d:] == keys[:-d]) & small[d:]
+            a, b = owners[:-d][same], owners[d:][same]
+            votes += np.bincount(np.minimum(a, b) * n + np.maximum(a, b), minlength=n * n)
+    votes = votes.reshape(n, n)
+    np.fill_diagonal(votes, 0)
+    return votes + votes.T
+
+
+def _shortlist(votes: np.ndarray) -> set[tuple[int, int]]:
+    """Each image's CANDIDATES most-voted partners (if voted at least MIN_VOTES times)."""
     pairs = set()
     for i, row in enumerate(votes):
         for j in np.argsort(-row)[:CANDIDATES]:
-            if row[j] >= MIN_VOTES and i != j:
+            if row[j] >= MIN_VOTES:
                 pairs.add((min(i, j), max(i, j)))
     return pairs
 
@@ -128,7 +144,7 @@ def find_copy_pairs(paths: Mapping[str, Path]) -> list[CopyPair]:
     with Pool(2) as pool:  # PNG decoding dominates; two cores halve it
         feats = pool.map(_features, [paths[i] for i in ids], chunksize=16)
     found = []
-    for i, j in sorted(_shortlist(feats)):
+    for i, j in sorted(_shortlist(_votes(feats))):
         result = _verify(feats[i], feats[j])
         if result is not None:
             scale, inliers, similarity = result

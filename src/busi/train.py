@@ -1,0 +1,194 @@
+"""Stage train: the U-Net on the preprocessed arrays, tracked in MLflow, resumable from its last epoch.
+
+Loss: Dice + BCE on the mask (smp's losses) plus weighted cross-entropy on the class. AdamW (the study's L2),
+cosine or reduce-on-plateau schedule, early stopping and best-checkpoint selection on a validation metric.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from busi import CLASSES, tracking
+from busi.config import Params
+from busi.data import SegmentationDataset, load_split, train_transform
+from busi.files import atomic_file
+from busi.model import build_model, save_checkpoint
+
+MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy) is maximised
+
+
+def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path, history_path: Path) -> dict:
+    """Train, write best.pt/last.pt in out_dir, the per-epoch history CSV and the summary JSON; returns it."""
+    cfg = params.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    train_arrays, val_arrays = load_split(processed_dir, "train"), load_split(processed_dir, "val")
+    if cfg.max_train_images:  # a seeded random subset, for quick smoke runs
+        keep = np.random.default_rng(cfg.seed).permutation(len(train_arrays["labels"]))[: cfg.max_train_images]
+        train_arrays = {key: value[np.sort(keep)] for key, value in train_arrays.items()}
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(params.model).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    else:
+        mode = "min" if cfg.monitor in MINIMIZED else "max"
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, patience=max(1, cfg.patience // 3))
+    # Class-balanced cross-entropy ("balanced" as in sklearn: n / (classes * count)); absent classes weigh 1.
+    counts = np.bincount(train_arrays["labels"], minlength=len(CLASSES))
+    class_weights = np.where(counts > 0, counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), 1.0)
+    loss_fn = SegmentationLoss(torch.tensor(class_weights, dtype=torch.float32, device=device), cfg.class_loss_weight)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = params_fingerprint(params)
+    history, best, run_id, start = [], None, None, 1
+    if (out_dir / "last.pt").exists():
+        state = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
+        if state["fingerprint"] == fingerprint and not state["finished"]:  # same run, killed mid-way: resume
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history, best, run_id, start = state["history"], state["best"], state["run_id"], state["epoch"] + 1
+            print(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({out_dir / 'last.pt'})")
+    run_id = tracking.start_run(params, run_id)
+
+    augment = train_transform(params.augment, cfg.seed)
+    train_data = SegmentationDataset(train_arrays, augment)
+    val_data = SegmentationDataset(val_arrays)
+    for epoch in range(start, cfg.epochs + 1):
+        # Seeding per epoch makes a resumed run draw the same batches and augmentations as an uninterrupted one.
+        torch.manual_seed(cfg.seed + epoch)
+        augment.set_random_seed(cfg.seed + epoch)
+        drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
+        batches = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last)
+        train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, desc=f"epoch {epoch}")
+        val_stats = run_epoch(model, DataLoader(val_data, batch_size=cfg.batch_size), loss_fn, device, amp_dtype)
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+               **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
+               "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        tracking.log_epoch(row, epoch)
+        if best is None or is_better(row[cfg.monitor], best[cfg.monitor], cfg.monitor):
+            best = row
+            save_checkpoint(out_dir / "best.pt", model, params, epoch=epoch)
+        if cfg.scheduler == "cosine":
+            scheduler.step()
+        else:
+            scheduler.step(row[cfg.monitor])
+        stop = epoch - best["epoch"] >= cfg.patience
+        finished = stop or epoch == cfg.epochs
+        save_checkpoint(out_dir / "last.pt", model, params, epoch=epoch, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
+                        fingerprint=fingerprint, finished=finished)
+        print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
+              f"iou {row['train_iou']:.3f}/{row['val_iou']:.3f}  dice {row['val_dice']:.3f}  "
+              f"acc {row['val_accuracy']:.3f}  {row['train_images_per_s']:.1f} img/s", flush=True)
+        if stop:
+            print(f"early stop: no better {cfg.monitor} for {cfg.patience} epochs")
+            break
+
+    write_history(history, history_path)
+    summary = {"run_id": run_id, "best_epoch": best["epoch"], "epochs_run": len(history),
+               "monitor": cfg.monitor, "best": {k: v for k, v in best.items() if k.startswith("val_")}}
+    with atomic_file(metrics_path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tracking.log_curves(history)
+    tracking.log_model(out_dir / "best.pt")
+    tracking.end_run()
+    return summary
+
+
+class SegmentationLoss(nn.Module):
+    """Dice + BCE on the lesion mask, plus class-balanced cross-entropy on the label (times `class_weight`)."""
+
+    def __init__(self, class_weights: torch.Tensor, class_weight: float):
+        super().__init__()
+        self.dice = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
+        self.bce = smp.losses.SoftBCEWithLogitsLoss()
+        self.cross_entropy = nn.CrossEntropyLoss(weight=class_weights)
+        self.class_weight = class_weight
+
+    def forward(self, mask_logits, class_logits, masks, labels):
+        mask_logits, class_logits = mask_logits.float(), class_logits.float()
+        return (self.dice(mask_logits, masks) + self.bce(mask_logits, masks)
+                + self.class_weight * self.cross_entropy(class_logits, labels))
+
+
+def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, desc=None) -> dict[str, float]:
+    """One pass over `batches`: trains when an optimizer is given, else evaluates. Pooled IoU/Dice over pixels."""
+    model.train(optimizer is not None)
+    total_loss, seen, correct, stats = 0.0, 0, 0, torch.zeros(4, dtype=torch.long)
+    started = time.perf_counter()
+    bar = tqdm(batches, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty())
+    with torch.set_grad_enabled(optimizer is not None):
+        for images, masks, labels in bar:
+            images = images.to(device, memory_format=torch.channels_last)
+            masks, labels = masks.to(device), labels.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                mask_logits, class_logits = model(images)
+                loss = loss_fn(mask_logits, class_logits, masks, labels)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total_loss += loss.item() * len(images)
+            seen += len(images)
+            correct += (class_logits.argmax(1) == labels).sum().item()
+            tp, fp, fn, tn = smp.metrics.get_stats(mask_logits.detach().float().sigmoid(), masks.long(),
+                                                   mode="binary", threshold=0.5)
+            stats += torch.stack([tp.sum(), fp.sum(), fn.sum(), tn.sum()]).cpu()
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", iou=f"{iou(stats):.3f}",
+                            img_s=f"{seen / (time.perf_counter() - started):.1f}")
+    return {"loss": total_loss / seen, "iou": iou(stats), "dice": dice(stats), "accuracy": correct / seen,
+            "images_per_s": seen / (time.perf_counter() - started)}
+
+
+def iou(stats: torch.Tensor) -> float:
+    tp, fp, fn, tn = stats
+    return smp.metrics.iou_score(tp, fp, fn, tn, reduction="micro").item()
+
+
+def dice(stats: torch.Tensor) -> float:
+    tp, fp, fn, tn = stats
+    return smp.metrics.f1_score(tp, fp, fn, tn, reduction="micro").item()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the hardware runs it natively (CPU with AVX512-BF16/AMX, CUDA), else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def is_better(value: float, best: float, monitor: str) -> bool:
+    return value < best if monitor in MINIMIZED else value > best
+
+
+def params_fingerprint(params: Params) -> str:
+    """Identifies the training configuration: a checkpoint of another configuration is never resumed."""
+    relevant = params.model_dump(mode="json", include={"model", "augment", "train"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in history)

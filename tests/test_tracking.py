@@ -1,0 +1,209 @@
+"""busi.tracking against a real MLflow sqlite store in tmp_path and a real (tiny, untrained) U-Net."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from busi import CLASSES, tracking
+from busi.config import load_params
+from busi.model import build_model, predict_batch, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+HISTORY = [
+    {"epoch": 1, "train_loss": 1.2, "val_loss": 1.1, "train_iou": 0.1, "val_iou": 0.12, "val_dice": 0.2,
+     "val_accuracy": 0.5, "lr": 1e-3, "images_per_s": 40.0},
+    {"epoch": 2, "train_loss": 0.9, "val_loss": 0.95, "train_iou": 0.3, "val_iou": 0.28, "val_dice": 0.4,
+     "val_accuracy": 0.6, "lr": 8e-4, "images_per_s": 41.0},
+    {"epoch": 3, "train_loss": 0.7, "val_loss": 0.8, "train_iou": 0.45, "val_iou": 0.4, "val_dice": 0.55,
+     "val_accuracy": 0.7, "lr": 5e-4, "images_per_s": 39.5},
+]
+
+
+def tiny_params(**model):
+    params = load_params(REPO / "params.yaml")
+    model = {"encoder": "mobilenet_v2", "encoder_weights": None, **model}
+    return params.model_copy(update={
+        "model": params.model.model_copy(update=model),
+        "preprocess": params.preprocess.model_copy(update={"image_size": SIZE}),
+    })
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Another process may be training on the same few cores: more threads than cores would crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite database with its tables made: making them takes seconds, copying it does not."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch, empty_store) -> Path:
+    """A git repository with one commit, as the working directory; MLflow writes to its own sqlite store."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git("init", "-q", cwd=root)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start", cwd=root)
+    monkeypatch.chdir(root)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",  # MLflow sets the ID itself
+                 "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    yield root
+    mlflow.end_run()  # a failed test must not leave its run active for the next one
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    params = tiny_params()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "best.pt"
+    save_checkpoint(path, build_model(params.model), params, epoch=3)
+    return path
+
+
+def run_epochs(rows):
+    for row in rows:
+        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, epoch=row["epoch"])
+
+
+def test_run_records_params_metrics_curves_and_tags(repo, tmp_path):
+    params = tiny_params()
+    run_id = tracking.start_run(params)
+    run_epochs(HISTORY)
+    tracking.log_curves(HISTORY)
+    tracking.end_run()
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "mobilenet_v2-scse"
+    assert client.get_experiment(run.info.experiment_id).name == "busi"
+    assert run.data.tags["git_commit"] == git("rev-parse", "HEAD", cwd=repo)
+    assert "dvc_exp_name" not in run.data.tags
+    logged = run.data.params
+    assert logged["model.encoder"] == "mobilenet_v2"
+    assert logged["model.attention"] == "scse"
+    assert logged["preprocess.image_size"] == str(SIZE)
+    assert logged["augment.affine.p"] == str(params.augment.affine.p)
+    assert logged["split.fractions.train"] == str(params.split.fractions.train)
+    assert {k: v for k, v in logged.items() if k.startswith("train.")} == {
+        f"train.{k}": str(v) for k, v in params.train.model_dump().items()}
+    assert not any(value.startswith("{") for value in logged.values())  # every section flattened to leaves
+    for key in ("val_loss", "train_iou", "val_dice", "val_accuracy", "lr"):
+        history = client.get_metric_history(run_id, key)
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+            (row["epoch"], row[key]) for row in HISTORY]
+    assert "epoch" not in run.data.metrics
+    png = Path(client.download_artifacts(run_id, "training_curves.png", str(tmp_path / "dl")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "mlruns").is_dir() and not (repo / "mlruns").exists()  # artifacts beside the database
+
+
+def test_dvc_experiment_names_the_run(repo, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "bonny-lama")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "busi-sweep")
+    run_id = tracking.start_run(tiny_params(attention=None))
+    tracking.end_run()
+
+    run = MlflowClient().get_run(run_id)
+    assert run.info.run_name == "mobilenet_v2-plain-bonny-lama"
+    assert run.data.tags["dvc_exp_name"] == "bonny-lama"
+    assert run.data.tags["dvc_exp_baseline_rev"] == "0123456789abcdef0123456789abcdef01234567"
+    assert run.data.params["model.attention"] == "None"
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == "busi-sweep"
+
+
+def test_resuming_appends_to_the_same_run(repo):
+    params = tiny_params()
+    run_id = tracking.start_run(params)
+    run_epochs(HISTORY[:2])
+    tracking.end_run("KILLED")  # the training died after epoch 2
+
+    assert tracking.start_run(params, run_id=run_id) == run_id
+    assert mlflow.active_run().info.status == "RUNNING"
+    run_epochs(HISTORY[2:])
+    tracking.end_run()
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "mobilenet_v2-scse"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_dice")) == [1, 2, 3]
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
+
+
+def test_logged_model_loads_and_predicts_probabilities(repo, checkpoint, tmp_path):
+    tracking.start_run(tiny_params())
+    uri = tracking.log_model(checkpoint)
+    tracking.end_run()
+
+    files = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    assert not list(files.rglob("*.pkl"))  # models from code: nothing to unpickle
+    assert (files / "code" / "busi" / "model.py").is_file()
+    requirements = (files / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert any(r.startswith("segmentation-models-pytorch==") for r in requirements)
+
+    model = mlflow.pyfunc.load_model(uri)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8)
+    out = model.predict(images)
+    assert out["mask"].shape == (3, SIZE, SIZE)
+    assert out["mask"].min() >= 0 and out["mask"].max() <= 1
+    probs = np.stack([out[name] for name in CLASSES], axis=1)
+    assert probs.shape == (3, len(CLASSES))
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+
+    # the checkpoint's weights, not a fresh initialisation; float [N,1,H,W] input is taken as [0, 1]
+    floats = images[:, None].astype(np.float32) / 255
+    reference = build_model(tiny_params().model)
+    reference.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    masks, classes = predict_batch(reference.eval(), torch.from_numpy(floats))
+    again = model.predict(floats)
+    np.testing.assert_allclose(again["mask"], out["mask"], atol=1e-6)  # uint8 was scaled by 1/255
+    np.testing.assert_allclose(again["mask"], masks[:, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack([again[n] for n in CLASSES], axis=1), classes.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="expected grayscale images"):
+        model.predict(images[:, :32])
+
+
+def test_project_root_of_a_queued_dvc_experiment_is_the_original_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "project"
+    for copy in ("tmpa1b2c3d4", "standalone/tmpz9y8x7"):  # --queue (celery) and --temp copies
+        workdir = root / ".dvc" / "tmp" / "exps" / copy / "src"
+        workdir.mkdir(parents=True)
+        monkeypatch.chdir(workdir)
+        assert tracking.project_root() == root.resolve()
+        assert tracking.tracking_uri() == f"sqlite:///{root.resolve()}/mlflow.db"
+
+
+def test_project_root_is_the_git_top_level_or_dvc_root(repo, tmp_path, monkeypatch):
+    (repo / "src" / "busi").mkdir(parents=True)
+    monkeypatch.chdir(repo / "src" / "busi")
+    assert tracking.project_root() == repo.resolve()
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # what DVC sets for a stage, and for an experiment's copy
+    assert tracking.project_root() == tmp_path.resolve()

@@ -1,0 +1,120 @@
+"""Training on synthetic data: the loss falls, a killed run resumes, checkpoints load safely."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from busi.config import load_params
+from busi.masks import merge_masks
+from busi.model import load_checkpoint
+from busi.preprocess import preprocess
+from busi.split import split
+from busi.train import train
+from conftest import REPO, run_env
+
+SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def processed(synthetic_source, tmp_path_factory):
+    """Synthetic BUSI, merged, split and preprocessed at 64 px."""
+    work = tmp_path_factory.mktemp("processed")
+    params = load_params(REPO / "params.yaml")
+    merge_masks(synthetic_source, work / "masks")
+    split(synthetic_source, params.split.model_copy(update={"folds": 2}), work / "splits.csv", work / "split.json")
+    preprocess(synthetic_source, work / "masks", work / "splits.csv", SIZE, work / "processed")
+    return work / "processed"
+
+
+def tiny_params(**train_changes):
+    """The repository's params with a small, fast configuration."""
+    params = load_params(REPO / "params.yaml")
+    no_augment = {key: 0.0 for key in ["horizontal_flip"]}
+    augment = params.augment.model_copy(update=no_augment)
+    for name in ["affine", "brightness_contrast", "clahe", "median_blur", "gaussian_blur"]:
+        augment = augment.model_copy(update={name: getattr(augment, name).model_copy(update={"p": 0.0})})
+    return params.model_copy(update={
+        "model": params.model.model_copy(update={"encoder": "resnet18", "encoder_weights": None}),
+        "augment": augment,
+        "train": params.train.model_copy(update={"epochs": 2, "batch_size": 4, "precision": "fp32", **train_changes}),
+    })
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return mlflow.MlflowClient(uri)
+
+
+def test_loss_falls_when_overfitting_a_handful_of_images(processed, tmp_path, store):
+    params = tiny_params(epochs=12, max_train_images=4, lr=0.003, patience=20, scheduler="cosine")
+    train(processed, params, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv")
+    with (tmp_path / "history.csv").open() as f:
+        losses = [float(row["train_loss"]) for row in csv.DictReader(f)]
+    assert len(losses) == 12
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_outputs_checkpoints_and_mlflow_run(processed, tmp_path, store):
+    summary = train(processed, tiny_params(), tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv")
+    assert json.loads((tmp_path / "train.json").read_text()) == summary
+    assert summary["epochs_run"] == 2 and 1 <= summary["best_epoch"] <= 2
+    assert set(summary["best"]) == {"val_loss", "val_iou", "val_dice", "val_accuracy"}
+    model, params, state = load_checkpoint(tmp_path / "models")  # weights_only=True inside
+    assert params.model.encoder == "resnet18" and state["epoch"] == summary["best_epoch"]
+    mask_logits, class_logits = model(torch.rand(2, 1, SIZE, SIZE))
+    assert mask_logits.shape == (2, 1, SIZE, SIZE) and class_logits.shape == (2, 3)
+    run = store.get_run(summary["run_id"])
+    assert run.data.params["train.epochs"] == "2"
+    assert [m.step for m in store.get_metric_history(run.info.run_id, "val_dice")] == [1, 2]
+
+
+def read_last(path):
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):  # not there yet (writes are atomic, so never half-written)
+        return None
+
+
+def test_killed_training_resumes_from_the_last_finished_epoch(processed, tmp_path, store):
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny_params(epochs=6).model_dump(mode="json")))
+    command = [sys.executable, "-m", "busi", "train", "--data", str(processed), "--out", "models"]
+    env = run_env(MLFLOW_TRACKING_URI=store.tracking_uri)
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = read_last(tmp_path / "models/last.pt")
+        if state and state["epoch"] >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    killed_at = read_last(tmp_path / "models/last.pt")
+    assert not killed_at["finished"] and killed_at["epoch"] < 6
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from epoch {killed_at['epoch']} of 6" in result.stdout
+    final = read_last(tmp_path / "models/last.pt")
+    assert final["finished"] and [row["epoch"] for row in final["history"]] == [1, 2, 3, 4, 5, 6]
+    assert final["history"][: killed_at["epoch"]] == killed_at["history"]  # the finished epochs are kept
+    assert final["run_id"] == killed_at["run_id"]  # the same MLflow run continues
+    steps = [m.step for m in store.get_metric_history(final["run_id"], "train_loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(processed, tmp_path, store):
+    train(processed, tiny_params(epochs=1), tmp_path / "models", tmp_path / "a.json", tmp_path / "a.csv")
+    summary = train(processed, tiny_params(epochs=2, lr=0.0005), tmp_path / "models", tmp_path / "b.json",
+                    tmp_path / "b.csv")
+    assert summary["epochs_run"] == 2
+    assert summary["run_id"] != json.loads((tmp_path / "a.json").read_text())["run_id"]
