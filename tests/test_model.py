@@ -1,0 +1,64 @@
+import socket
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from busi import BusiError
+from busi.config import load_params
+from busi.model import build_model, load_checkpoint, save_checkpoint
+from conftest import REPO
+
+PARAMS = load_params(REPO / "params.yaml")
+
+
+def model_params(**changes):
+    return PARAMS.model.model_copy(update=changes)
+
+
+@pytest.mark.parametrize("encoder", ["vgg16", "vgg19", "resnet50", "dpn68"])
+def test_the_study_encoders_build_with_one_channel_and_two_outputs(encoder):
+    model = build_model(model_params(encoder=encoder)).eval()
+    with torch.no_grad():
+        mask_logits, class_logits = model(torch.rand(1, 1, 64, 64))
+    assert mask_logits.shape == (1, 1, 64, 64) and class_logits.shape == (1, 3)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.encoder.modules())  # pooling: avg
+    assert any(isinstance(m, nn.AvgPool2d) for m in model.encoder.modules())
+
+
+def test_max_pooling_and_no_attention_are_options():
+    model = build_model(model_params(pooling="max", attention=None))
+    assert any(isinstance(m, nn.MaxPool2d) for m in model.encoder.modules())
+    assert not any("SCSE" in type(m).__name__ for m in model.modules())
+    assert any("SCSE" in type(m).__name__ for m in build_model(model_params()).modules())
+
+
+def test_unknown_encoder_lists_close_matches():
+    with pytest.raises(BusiError, match=r"model.encoder: unknown encoder 'resnet5'; did you mean .*resnet50"):
+        build_model(model_params(encoder="resnet5"))
+
+
+def test_imagenet_weights_fail_fast_offline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def offline(*args, **kwargs):  # the same answer with or without a network
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    started = time.perf_counter()
+    with pytest.raises(BusiError, match="model.encoder_weights: 'imagenet' weights come from the Hugging Face hub"):
+        build_model(model_params(encoder_weights="imagenet"))
+    assert time.perf_counter() - started < 30
+
+
+def test_checkpoint_round_trip_and_refuses_non_checkpoints(tmp_path):
+    model = build_model(model_params())
+    save_checkpoint(tmp_path / "best.pt", model, PARAMS, epoch=7)
+    loaded, params, state = load_checkpoint(tmp_path)
+    assert params == PARAMS and state["epoch"] == 7
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
+                                                  strict=True))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BusiError, match="bad.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
