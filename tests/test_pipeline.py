@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -33,6 +34,9 @@ def dvc_repo(tmp_path, busi_zip):
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "metrics").mkdir()
     set_param(repo, "split", "folds", 2)  # the synthetic archive is small
+    set_param(repo, "preprocess", "image_size", 64)
+    set_param(repo, "train", "epochs", 1)
+    set_param(repo, "train", "precision", "fp32")
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
     sh("dvc", "config", "core.analytics", "false", cwd=repo)
@@ -41,20 +45,47 @@ def dvc_repo(tmp_path, busi_zip):
     return repo, run_env(BUSI_ARCHIVE=str(busi_zip))
 
 
+def run_names(repo):
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    return sorted(run.info.run_name for run in client.search_runs(client.search_experiments()[0].experiment_id)) \
+        if (repo / "mlflow.db").exists() else []
+
+
 def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
     repo, env = dvc_repo
     out = sh("dvc", "repro", cwd=repo, env=env)
-    for stage in ["fetch", "merge_masks", "split", "preprocess"]:
+    for stage in ["fetch", "merge_masks", "split", "preprocess", "train"]:
         assert f"Running stage '{stage}'" in out
     train = np.load(repo / "data/processed/train.npz")
-    assert train["images"].shape[1:] == (224, 224)
-    assert "split.json" in sh("dvc", "metrics", "show", cwd=repo, env=env)
+    assert train["images"].shape[1:] == (64, 64)
+    metrics = sh("dvc", "metrics", "show", cwd=repo, env=env)
+    assert "split.json" in metrics and "train.json" in metrics
+    assert (repo / "models/best.pt").exists() and run_names(repo) == ["resnet18-scse"]
+    assert "mlflow.db" not in sh("git", "status", "--porcelain", cwd=repo)  # git-ignored
 
     again = sh("dvc", "repro", cwd=repo, env=env)
     assert "Running stage" not in again  # a second repro is a no-op
 
-    set_param(repo, "preprocess", "image_size", 64)
+    set_param(repo, "preprocess", "image_size", 96)
     changed = sh("dvc", "repro", cwd=repo, env=env)
-    assert "Running stage 'preprocess'" in changed
+    assert "Running stage 'preprocess'" in changed and "Running stage 'train'" in changed
     assert all(f"Running stage '{s}'" not in changed for s in ["fetch", "merge_masks", "split"])
-    assert np.load(repo / "data/processed/train.npz")["images"].shape[1:] == (64, 64)
+    assert np.load(repo / "data/processed/train.npz")["images"].shape[1:] == (96, 96)
+
+
+def test_dvc_experiments_run_train_only_and_land_in_the_root_store(dvc_repo):
+    repo, env = dvc_repo
+    sh("dvc", "repro", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline", cwd=repo)
+
+    out = sh("dvc", "exp", "run", "-n", "plain", "-S", "model.attention=null", cwd=repo, env=env)
+    assert "Running stage 'train'" in out
+    assert all(f"Running stage '{s}'" not in out for s in ["fetch", "merge_masks", "split", "preprocess"])
+
+    # Queued experiments run in temporary copies of the repository: their runs still land in its mlflow.db.
+    sh("dvc", "exp", "run", "--queue", "-n", "queued", "-S", "train.lr=0.002", cwd=repo, env=env)
+    sh("dvc", "exp", "run", "--run-all", cwd=repo, env=env)
+    # (the workspace still holds the first experiment, attention=null, when the second is queued)
+    assert run_names(repo) == ["resnet18-plain-plain", "resnet18-plain-queued", "resnet18-scse"]
+    assert {"plain", "queued"} <= set(sh("dvc", "exp", "list", "--name-only", cwd=repo, env=env).split())

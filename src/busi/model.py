@@ -105,6 +105,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
     except (OSError, RuntimeError, pickle.UnpicklingError) as err:
         raise BusiError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
     params = Params.model_validate(state["params"], strict=False)
-    model = build_model(params.model)
+    # The checkpoint holds every weight: never fetch pretrained ones just to overwrite them.
+    model = build_model(params.model.model_copy(update={"encoder_weights": None}))
     model.load_state_dict(state["model"])
     return model.eval(), params, state

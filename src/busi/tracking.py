@@ -43,7 +43,7 @@ def start_run(params: Params, run_id: str | None = None) -> str:
     """Start a run, or resume `run_id` (a training restarted after a kill continues its own run)."""
     mlflow.set_tracking_uri(tracking_uri())
     set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi")
-    if False:
+    if run_id:
         return mlflow.start_run(run_id=run_id).info.run_id
     exp_name = os.environ.get("DVC_EXP_NAME")
     name = f"{params.model.encoder}-{params.model.attention or 'plain'}" + (f"-{exp_name}" if exp_name else "")
@@ -87,7 +87,8 @@ def git(*args: str, cwd: Path) -> str | None:
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
-    mlflow.log_metrics(metrics, step=epoch)
+    """One history row: the epoch is the step, not a metric of its own."""
+    mlflow.log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step=epoch)
 
 
 def log_curves(history: list[dict[str, float]]) -> None:
@@ -114,6 +115,7 @@ def log_model(checkpoint: Path) -> str:
         python_model=str(PACKAGE / "mlflow_model.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(PACKAGE)],
+        # without a local build tag such as +cu128: those are not on PyPI
         pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in SERVING_PACKAGES],
     )
     return info.model_uri

@@ -65,48 +65,52 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             print(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({out_dir / 'last.pt'})")
     run_id = tracking.start_run(params, run_id)
 
-    augment = train_transform(params.augment, cfg.seed)
-    train_data = SegmentationDataset(train_arrays, augment)
-    val_data = SegmentationDataset(val_arrays)
-    for epoch in range(start, cfg.epochs + 1):
-        # Seeding per epoch makes a resumed run draw the same batches and augmentations as an uninterrupted one.
-        torch.manual_seed(cfg.seed + epoch)
-        augment.set_random_seed(cfg.seed + epoch)
-        drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
-        batches = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last)
-        train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, desc=f"epoch {epoch}")
-        val_stats = run_epoch(model, DataLoader(val_data, batch_size=cfg.batch_size), loss_fn, device, amp_dtype)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-               **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
-               "lr": optimizer.param_groups[0]["lr"]}
-        history.append(row)
-        tracking.log_epoch(row, epoch)
-        if best is None or is_better(row[cfg.monitor], best[cfg.monitor], cfg.monitor):
-            best = row
-            save_checkpoint(out_dir / "best.pt", model, params, epoch=epoch)
-        if cfg.scheduler == "cosine":
-            scheduler.step()
-        else:
-            scheduler.step(row[cfg.monitor])
-        stop = epoch - best["epoch"] >= cfg.patience
-        finished = stop or epoch == cfg.epochs
-        save_checkpoint(out_dir / "last.pt", model, params, epoch=epoch, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
-                        fingerprint=fingerprint, finished=finished)
-        print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
-              f"iou {row['train_iou']:.3f}/{row['val_iou']:.3f}  dice {row['val_dice']:.3f}  "
-              f"acc {row['val_accuracy']:.3f}  {row['train_images_per_s']:.1f} img/s", flush=True)
-        if stop:
-            print(f"early stop: no better {cfg.monitor} for {cfg.patience} epochs")
-            break
+    try:
+        augment = train_transform(params.augment, cfg.seed)
+        train_data = SegmentationDataset(train_arrays, augment)
+        val_data = SegmentationDataset(val_arrays)
+        for epoch in range(start, cfg.epochs + 1):
+            # Seeding per epoch makes a resumed run draw the same batches and augmentations as an uninterrupted one.
+            torch.manual_seed(cfg.seed + epoch)
+            augment.set_random_seed(cfg.seed + epoch)
+            drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
+            batches = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last)
+            train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, desc=f"epoch {epoch}")
+            val_stats = run_epoch(model, DataLoader(val_data, batch_size=cfg.batch_size), loss_fn, device, amp_dtype)
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                   **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
+                   "lr": optimizer.param_groups[0]["lr"]}
+            history.append(row)
+            tracking.log_epoch(row, epoch)
+            if best is None or is_better(row[cfg.monitor], best[cfg.monitor], cfg.monitor):
+                best = row
+                save_checkpoint(out_dir / "best.pt", model, params, epoch=epoch)
+            if cfg.scheduler == "cosine":
+                scheduler.step()
+            else:
+                scheduler.step(row[cfg.monitor])
+            stop = epoch - best["epoch"] >= cfg.patience
+            finished = stop or epoch == cfg.epochs
+            save_checkpoint(out_dir / "last.pt", model, params, epoch=epoch, optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
+                            fingerprint=fingerprint, finished=finished)
+            print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
+                  f"iou {row['train_iou']:.3f}/{row['val_iou']:.3f}  dice {row['val_dice']:.3f}  "
+                  f"acc {row['val_accuracy']:.3f}  {row['train_images_per_s']:.1f} img/s", flush=True)
+            if stop:
+                print(f"early stop: no better {cfg.monitor} for {cfg.patience} epochs")
+                break
 
-    write_history(history, history_path)
-    summary = {"run_id": run_id, "best_epoch": best["epoch"], "epochs_run": len(history),
-               "monitor": cfg.monitor, "best": {k: v for k, v in best.items() if k.startswith("val_")}}
-    with atomic_file(metrics_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tracking.log_curves(history)
-    tracking.log_model(out_dir / "best.pt")
+        write_history(history, history_path)
+        summary = {"run_id": run_id, "best_epoch": best["epoch"], "epochs_run": len(history),
+                   "monitor": cfg.monitor, "best": {k: v for k, v in best.items() if k.startswith("val_")}}
+        with atomic_file(metrics_path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tracking.log_curves(history)
+        tracking.log_model(out_dir / "best.pt")
+    except BaseException as err:  # a crash or Ctrl-C: the MLflow run says so instead of staying RUNNING
+        tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     tracking.end_run()
     return summary
 
