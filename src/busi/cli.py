@@ -38,6 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
 
+    cmd = commands.add_parser("evaluate", help="test-split metrics at the original resolution, plots, MLflow")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
+    cmd.add_argument("--model", type=Path, default=Path("models"))
+    cmd.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"))
+    cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
+    cmd.add_argument("--out", type=Path, default=Path("metrics/test.json"))
+    cmd.add_argument("--plots", type=Path, default=Path("metrics/plots"), help="per-image CSV, confusion CSV")
+    cmd.add_argument("--figures", type=Path, default=Path("reports/figures"))
+
+    cmd = commands.add_parser("report", help="the study's comparison table and figures from every MLflow run")
+    cmd.add_argument("--out", type=Path, default=Path("reports/study.md"))
+    cmd.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or busi)")
+
+    cmd = commands.add_parser("predict", help="masks, overlays and class probabilities for your own images")
+    cmd.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG) or folders of them")
+    cmd.add_argument("--model", required=True, help="checkpoint folder/file, or an MLflow model URI (models:/...)")
+    cmd.add_argument("--out", type=Path, required=True)
+
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -78,4 +97,21 @@ def run(args: argparse.Namespace, params) -> str:
         summary = train(args.data, params, args.out, args.metrics, args.history)
         best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best"].items())
         return f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {best}; MLflow run {summary['run_id']}"
+    if args.command == "evaluate":
+        from busi.evaluate import evaluate
+
+        metrics = evaluate(args.data, args.masks, args.model, args.train_metrics, args.history, params.evaluate,
+                           args.out, args.plots, args.figures)
+        return f"test dice {metrics['dice']:.3f}, iou {metrics['iou']:.3f}, f1_weighted {metrics['f1_weighted']:.3f}"
+    if args.command == "report":
+        from busi.report import report
+
+        return f"wrote {report(args.out, args.experiment)}"
+    if args.command == "predict":
+        from busi.predict import predict
+
+        done, failed = predict(args.inputs, args.model, args.out)
+        if failed:
+            raise BusiError(f"{failed} of {done + failed} inputs failed (see above); the rest are in {args.out}")
+        return f"{done} images in {args.out}"
     raise AssertionError(args.command)

@@ -99,12 +99,21 @@ class TrainParams(Section):
     max_train_images: int = Field(ge=0)  # 0: all; a smaller number makes quick smoke runs
 
 
+class EvaluateParams(Section):
+    threshold: float = Field(gt=0, lt=1)  # on the lesion probability
+    largest_component: Literal["auto", "on", "off"]  # auto: keep it only if it helps on the validation split
+    bootstrap: int = Field(ge=0)  # resamples for the 95% confidence intervals; 0 turns them off
+    seed: int
+    figure_cases: int = Field(ge=1)  # best and worst test cases per class in the contour figure
+
+
 class Params(Section):
     split: SplitParams
     preprocess: PreprocessParams
     model: ModelParams
     augment: AugmentParams
     train: TrainParams
+    evaluate: EvaluateParams
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

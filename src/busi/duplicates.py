@@ -20,15 +20,18 @@ N_FEATURES = 600  # ORB keypoints per image; enough for ~30 inliers on a 0.5 re-
 LSH_TABLES = 8  # hash tables: more tables find more of the near-identical descriptors
 LSH_BITS = 18  # sampled bits per hash: near-identical descriptors still collide, random ones rarely do
 MAX_BUCKET = 16  # larger buckets hold generic patterns (UI text, flat regions): ignore them
-CANDIDATES = 10  # top-voted other images to verify per image
-MIN_VOTES = 8  # fewer shared descriptors than this: not worth verifying
+CANDIDATES = 5  # top-voted other images to verify per image: copies rank in the top 3
+MIN_VOTES = 30  # shared-descriptor votes to be worth verifying: copies get >100, unrelated pairs ~15
 RATIO = 0.8  # Lowe ratio test for the pairwise matches
 RANSAC_PX = 3.0  # reprojection tolerance at WORK_HEIGHT
-MIN_INLIERS = 15  # RANSAC inliers to accept a transform
+MIN_INLIERS = 10  # RANSAC inliers to accept a transform (the pixel check is the real guard)
 SCALE_RANGE = (0.3, 3.4)  # plausible relative scale between two copies (working pixels)
 MAX_ROTATION_DEG = 3.0  # copies are crops/re-scales, never rotated
 MIN_OVERLAP = 0.4  # overlap must cover this fraction of the smaller image
-MIN_NCC = 0.8  # normalized cross-correlation over the overlap; different patients stay far below
+TILE = 32  # pixels (at WORK_HEIGHT) per side of the tiles compared by NCC
+FLAT_STD = 2.0  # grey-level std below which a tile is flat (black border, anechoic region)
+MIN_TILES = 8  # informative tiles needed in the overlap to judge it
+MIN_NCC = 0.5  # median tile NCC: copies score >= 0.9, other patients <= 0.2, other frames of one cine between
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class CopyPair:
     b: str
     scale: float  # size of b's pixels relative to a's: x_b = scale * x_a + t (original pixels)
     inliers: int
-    similarity: float  # NCC of the overlapping pixels
+    similarity: float  # median NCC of the overlapping tiles
 
 
 @dataclass
@@ -53,7 +56,8 @@ def _features(path: Path) -> _Features:
     if gray is None:
         raise OSError(f"cannot read image {path}")
     factor = WORK_HEIGHT / gray.shape[0]
-    image = cv2.resize(gray, (max(1, round(gray.shape[1] * factor)), WORK_HEIGHT), interpolation=cv2.INTER_AREA)
+    width = max(1, round(gray.shape[1] * factor))
+    image = cv2.resize(gray, (width, WORK_HEIGHT), interpolation=cv2.INTER_AREA)
     keypoints, descriptors = cv2.ORB_create(nfeatures=N_FEATURES).detectAndCompute(image, None)
     if descriptors is None:
         descriptors = np.zeros((0, 32), np.uint8)
@@ -97,8 +101,8 @@ def _shortlist(votes: np.ndarray) -> set[tuple[int, int]]:
     return pairs
 
 
-def _verify(fa: _Features, fb: _Features) -> tuple[float, int, float] | None:
-    """Return (working scale, inliers, NCC) when b shows the same pixels as a, else None."""
+def _similarity_transform(fa: _Features, fb: _Features) -> tuple[np.ndarray, int] | None:
+    """RANSAC crop+scale transform (2x3, working pixels) mapping a onto b and its inlier count, or None."""
     if len(fa.descriptors) < 2 or len(fb.descriptors) < 2:
         return None
     knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(fa.descriptors, fb.descriptors, k=2)
@@ -107,35 +111,44 @@ def _verify(fa: _Features, fb: _Features) -> tuple[float, int, float] | None:
         return None
     src = fa.points[[m.queryIdx for m in good]]
     dst = fb.points[[m.trainIdx for m in good]]
-    matrix, inlier_mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX)
+    matrix, inlier_mask = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX
+    )
     if matrix is None or int(inlier_mask.sum()) < MIN_INLIERS:
         return None
     scale = math.hypot(matrix[0, 0], matrix[1, 0])
     angle = math.degrees(math.atan2(matrix[1, 0], matrix[0, 0]))
     if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] or abs(angle) > MAX_ROTATION_DEG:
         return None
-    similarity = _overlap_ncc(fa.image, fb.image, matrix)
-    if similarity is None or similarity < MIN_NCC:
-        return None
-    return scale, int(inlier_mask.sum()), similarity
+    return matrix, int(inlier_mask.sum())
 
 
-def _overlap_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray) -> float | None:
-    """NCC between b and a warped into b's frame, over their overlap (None if the overlap is too small)."""
+def _tile_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray) -> float | None:
+    """Median NCC over TILE-pixel tiles of b and a warped into b's frame (None: overlap too small).
+
+    Local tiles, not one global NCC: the bright skin line, dark acoustic shadow and black screen border that
+    every scan shares inflate a global NCC between different patients; tiles only agree if the speckle does.
+    """
     size = (b.shape[1], b.shape[0])
-    warped = cv2.warpAffine(a, matrix, size, flags=cv2.INTER_AREA)
+    warped = cv2.warpAffine(a, matrix, size, flags=cv2.INTER_LINEAR).astype(np.float32)
     inside = cv2.warpAffine(np.ones_like(a), matrix, size, flags=cv2.INTER_NEAREST)
-    inside = cv2.erode(inside, np.ones((5, 5), np.uint8)).astype(bool)  # drop interpolated borders
-    scale2 = matrix[0, 0] ** 2 + matrix[1, 0] ** 2
-    smaller = min(a.size * scale2, b.size)
-    if inside.sum() < MIN_OVERLAP * smaller:
+    area_a = a.size * (matrix[0, 0] ** 2 + matrix[1, 0] ** 2)
+    if inside.sum() < MIN_OVERLAP * min(area_a, b.size):
         return None
-    x = warped[inside].astype(np.float32)
-    y = b[inside].astype(np.float32)
-    x -= x.mean()
-    y -= y.mean()
-    denom = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y) / denom if denom > 0 else 0.0
+    rows, cols = b.shape[0] // TILE, b.shape[1] // TILE
+
+    def tiles(image: np.ndarray) -> np.ndarray:  # (n_tiles, TILE * TILE)
+        blocks = image[: rows * TILE, : cols * TILE].reshape(rows, TILE, cols, TILE)
+        return blocks.swapaxes(1, 2).reshape(rows * cols, -1)
+
+    x, y = tiles(warped), tiles(b.astype(np.float32))
+    x, y = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    sx, sy = np.sqrt((x * x).sum(1)), np.sqrt((y * y).sum(1))
+    flat = TILE * FLAT_STD  # tiles this flat (black border, anechoic) carry no evidence either way
+    usable = tiles(inside).all(1) & (sx > flat) & (sy > flat)
+    if usable.sum() < MIN_TILES:
+        return None
+    return float(np.median((x * y).sum(1)[usable] / (sx * sy)[usable]))
 
 
 def find_copy_pairs(paths: Mapping[str, Path]) -> list[CopyPair]:
@@ -145,11 +158,15 @@ def find_copy_pairs(paths: Mapping[str, Path]) -> list[CopyPair]:
         feats = pool.map(_features, [paths[i] for i in ids], chunksize=16)
     found = []
     for i, j in sorted(_shortlist(_votes(feats))):
-        result = _verify(feats[i], feats[j])
-        if result is not None:
-            scale, inliers, similarity = result
-            original_scale = scale * feats[i].factor / feats[j].factor
-            found.append(CopyPair(ids[i], ids[j], round(original_scale, 4), inliers, round(similarity, 4)))
+        fit = _similarity_transform(feats[i], feats[j])
+        if fit is None:
+            continue
+        matrix, inliers = fit
+        similarity = _tile_ncc(feats[i].image, feats[j].image, matrix)
+        if similarity is not None and similarity >= MIN_NCC:
+            working_scale = math.hypot(matrix[0, 0], matrix[1, 0])
+            scale = working_scale * feats[i].factor / feats[j].factor  # in original pixels
+            found.append(CopyPair(ids[i], ids[j], round(scale, 4), inliers, round(similarity, 4)))
     return found
 
 
