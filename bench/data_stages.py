@@ -39,7 +39,8 @@ def main() -> dict:
             subprocess.run(command, cwd=repo, check=True)
         figures = {f"{stage}_s": timed("dvc", "repro", "-s", stage, cwd=repo, env=env) for stage in STAGES}
         figures["data_stages_s"] = sum(figures.values())
-        figures["noop_repro_s"] = timed("dvc", "repro", cwd=repo, env=env)
+        # The no-op: everything up to preprocess is cached now, so DVC only checks hashes.
+        figures["noop_repro_s"] = timed("dvc", "repro", "preprocess", cwd=repo, env=env)
     for name, seconds in figures.items():
         print(f"{name:>16}: {seconds:6.1f} s")
     print(json.dumps({k: round(v, 2) for k, v in figures.items()}))

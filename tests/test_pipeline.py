@@ -37,6 +37,7 @@ def dvc_repo(tmp_path, busi_zip):
     set_param(repo, "preprocess", "image_size", 64)
     set_param(repo, "train", "epochs", 1)
     set_param(repo, "train", "precision", "fp32")
+    set_param(repo, "evaluate", "bootstrap", 50)
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
     sh("dvc", "config", "core.analytics", "false", cwd=repo)
@@ -54,12 +55,12 @@ def run_names(repo):
 def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
     repo, env = dvc_repo
     out = sh("dvc", "repro", cwd=repo, env=env)
-    for stage in ["fetch", "merge_masks", "split", "preprocess", "train"]:
+    for stage in ["fetch", "merge_masks", "split", "preprocess", "train", "evaluate"]:
         assert f"Running stage '{stage}'" in out
     train = np.load(repo / "data/processed/train.npz")
     assert train["images"].shape[1:] == (64, 64)
     metrics = sh("dvc", "metrics", "show", cwd=repo, env=env)
-    assert "split.json" in metrics and "train.json" in metrics
+    assert "split.json" in metrics and "train.json" in metrics and "test.json" in metrics
     assert (repo / "models/best.pt").exists() and run_names(repo) == ["resnet18-scse"]
     assert "mlflow.db" not in sh("git", "status", "--porcelain", cwd=repo)  # git-ignored
 

