@@ -27,7 +27,7 @@ from busi.evaluate import (
     segmentation_metrics,
 )
 from busi.train import train
-from test_train import processed, tiny_params  # noqa: F401 (processed is a fixture)
+from conftest import tiny_params
 
 SIDE = 20  # hand-made images are SIDE x SIDE, predicted at that size too: no resizing in between
 

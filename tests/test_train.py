@@ -7,51 +7,11 @@ import subprocess
 import sys
 import time
 
-import mlflow
-import pytest
 import torch
 
-from busi.config import load_params
-from busi.masks import merge_masks
 from busi.model import load_checkpoint
-from busi.preprocess import preprocess
-from busi.split import split
 from busi.train import train
-from conftest import REPO, run_env
-
-SIZE = 64
-
-
-@pytest.fixture(scope="session")
-def processed(synthetic_source, tmp_path_factory):
-    """Synthetic BUSI, merged, split and preprocessed at 64 px."""
-    work = tmp_path_factory.mktemp("processed")
-    params = load_params(REPO / "params.yaml")
-    merge_masks(synthetic_source, work / "masks")
-    split(synthetic_source, params.split.model_copy(update={"folds": 2}), work / "splits.csv", work / "split.json")
-    preprocess(synthetic_source, work / "masks", work / "splits.csv", SIZE, work / "processed")
-    return work / "processed"
-
-
-def tiny_params(**train_changes):
-    """The repository's params with a small, fast configuration."""
-    params = load_params(REPO / "params.yaml")
-    no_augment = {key: 0.0 for key in ["horizontal_flip"]}
-    augment = params.augment.model_copy(update=no_augment)
-    for name in ["affine", "brightness_contrast", "clahe", "median_blur", "gaussian_blur"]:
-        augment = augment.model_copy(update={name: getattr(augment, name).model_copy(update={"p": 0.0})})
-    return params.model_copy(update={
-        "model": params.model.model_copy(update={"encoder": "resnet18", "encoder_weights": None}),
-        "augment": augment,
-        "train": params.train.model_copy(update={"epochs": 2, "batch_size": 4, "precision": "fp32", **train_changes}),
-    })
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return mlflow.MlflowClient(uri)
+from conftest import SIZE, run_env, tiny_params
 
 
 def test_loss_falls_when_overfitting_a_handful_of_images(processed, tmp_path, store):

@@ -79,8 +79,11 @@ def open_image(path: Path) -> Image.Image:
 
 
 def read_gray(path: Path) -> np.ndarray:
-    """An image as 8-bit grayscale, whatever its mode (L, RGB, RGBA, I;16, P)."""
-    return np.asarray(open_image(path).convert("L"))
+    """An image as 8-bit grayscale, whatever its mode (L, RGB, RGBA, P, and 16-bit I;16 / I)."""
+    image = open_image(path)
+    if image.mode.startswith("I"):  # convert("L") would clip every 16-bit value above 255: scale instead
+        return (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8)
+    return np.asarray(image.convert("L"))
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -1,0 +1,161 @@
+"""`python -m busi report`: the study's comparison table and the validation curves of every MLflow run.
+
+Reads the experiment's FINISHED runs: their params (logged flattened by busi.tracking), their per-epoch
+`val_*` histories, and the `test.*` metrics that the evaluate stage logs into the training run. Writes
+reports/study.md with one row per evaluated run beside the study's own Table 1, and
+reports/study_val_curves.png. Finished runs without any test metric are listed under the table as not evaluated.
+"""
+
+import math
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global state
+from matplotlib.ticker import MaxNLocator
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from busi import BusiError
+from busi.files import atomic_file
+from busi.tracking import tracking_uri
+
+# (metric under test.<key>, column title); the first four are the study's columns.
+COLUMNS = [("iou", "IoU"), ("dice", "Dice"), ("pixel_accuracy", "pixel acc."), ("f1_weighted", "weighted F1"),
+           ("dice_per_image", "per-image Dice"), ("per_class.malignant.dice", "malignant Dice")]
+# The study's Table 1, test split, as printed there: model, IoU, Dice, pixel accuracy, weighted F1.
+STUDY = [["VGG16 + attention", "0.41", "0.58", "0.95", "0.877"],
+         ["VGG19 + attention", "0.51", "0.67", "0.95", "0.82"],
+         ["ResNet50 + attention", "0.50", "0.66", "0.95", "0.82"],
+         ["ResNet50, no attention", "0.43", "0.60", "0.95", "0.80"],
+         ["DPN68 + attention", "0.59", "0.74", "0.96", "0.81"]]
+CURVES = [("val_loss", "validation loss"), ("val_iou", "validation IoU")]
+MAX_RUNS = 50_000  # MLflow's largest page; a study has tens of runs
+
+
+def report(out_md: Path, experiment: str | None = None) -> Path:
+    """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it; returns `out_md`."""
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
+    uri = tracking_uri()
+    db = urlparse(uri)
+    if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():  # MlflowClient would create an empty one
+        raise BusiError(f"no MLflow store at {uri}: train a model first (or set MLFLOW_TRACKING_URI)")
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        raise BusiError(f"MLflow experiment {name!r} not found in {client.tracking_uri}: train a model first")
+    runs = client.search_runs([found.experiment_id], max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    if not finished:
+        raise BusiError(f"MLflow experiment {name!r} ({client.tracking_uri}) has no finished runs: train a model first")
+
+    curves = read_curves(client, finished)
+    figure = Path(out_md).with_name(f"{Path(out_md).stem}_val_curves.png")
+    with atomic_file(figure) as tmp:
+        plot_curves(finished, curves).savefig(tmp, format="png", dpi=120)  # tmp has no .png suffix
+    text = markdown(name, client.tracking_uri, finished, curves, len(runs) - len(finished), figure.name)
+    with atomic_file(out_md) as tmp:
+        tmp.write_text(text)
+    return Path(out_md)
+
+
+def read_curves(client: MlflowClient, runs: list[Run]) -> dict[str, dict[str, dict[int, float]]]:
+    """{run id: {metric: {epoch: value}}} for the plotted metrics and the monitor that picked the best epoch."""
+    plotted = [key for key, _ in CURVES]
+    return {run.info.run_id: {key: history(client, run.info.run_id, key) for key in {*plotted, monitor(run)}}
+            for run in runs}
+
+
+def monitor(run: Run) -> str:
+    return run.data.params.get("train.monitor", "val_dice")
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    """{epoch: value}; a resumed run may have logged an epoch twice: its last value counts."""
+    metrics = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in metrics}
+
+
+def epochs(run: Run, curves: dict[str, dict[int, float]]) -> str:
+    """Epochs trained / the epoch the checkpoint kept: the monitor's first best value, as train.py picks it."""
+    values = curves[monitor(run)]
+    if not values:
+        return "?"
+    pick = min if monitor(run).endswith("loss") else max  # train.py minimises val_loss, maximises the rest
+    best = pick(values.values())
+    return f"{len(values)} / {min(step for step, value in values.items() if value == best)}"
+
+
+def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished: int, figure: str) -> str:
+    evaluated = sorted((run for run in finished if is_evaluated(run)),
+                       key=lambda run: run.data.metrics.get("test.dice", -math.inf), reverse=True)
+    not_evaluated = [run for run in finished if not is_evaluated(run)]
+    header = ["run", "encoder", "attention", "weights", "size", "epochs (run / best)", *(t for _, t in COLUMNS)]
+    rows = [[f"{run.info.run_name} (`{run.info.run_id[:8]}`)", param(run, "model.encoder"),
+             param(run, "model.attention"), param(run, "model.encoder_weights"),
+             param(run, "preprocess.image_size"), epochs(run, curves[run.info.run_id]),
+             *(with_interval(run.data.metrics, key) for key, _ in COLUMNS)] for run in evaluated]
+    lines = [
+        "# BUSI segmentation: our runs beside the study",
+        "",
+        f"MLflow experiment `{name}` ({uri}): {len(finished)} finished runs, {len(evaluated)} evaluated"
+        + (f"; left out: {unfinished} runs not finished (running, failed or killed)." if unfinished else "."),
+        "",
+        "## Test split",
+        "",
+        "Test metrics as the evaluate stage logged them, best Dice first; 95% bootstrap intervals in brackets.",
+        "",
+        *(table(header, rows) if rows else ["No run has test metrics yet: run the evaluate stage."]),
+        "",
+    ]
+    if not_evaluated:
+        lines += ["Not evaluated (no `test.*` metrics; their curves are in the figure): "
+                  + ", ".join(f"{run.info.run_name} (`{run.info.run_id[:8]}`)" for run in not_evaluated) + ".", ""]
+    lines += [
+        "## The study's Table 1 (test split), for reference",
+        "",
+        *table(["model", *(title for _, title in COLUMNS[:4])], STUDY),
+        "",
+        "## Validation curves",
+        "",
+        f"![validation loss and IoU per epoch of every finished run]({figure})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def is_evaluated(run: Run) -> bool:
+    # Any test metric: evaluate leaves Dice and IoU out when the test split has no lesion at all.
+    return any(key.startswith("test.") for key in run.data.metrics)
+
+
+def param(run: Run, key: str) -> str:
+    value = run.data.params.get(key, "?")
+    return "none" if value == "None" else value  # a null in params.yaml is logged as "None"
+
+
+def with_interval(metrics: dict[str, float], key: str) -> str:
+    value = metrics.get(f"test.{key}")
+    if value is None or math.isnan(value):
+        return "–"
+    low, high = metrics.get(f"test.ci95.{key}.low"), metrics.get(f"test.ci95.{key}.high")
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def plot_curves(runs: list[Run], curves: dict[str, dict[str, dict[int, float]]]) -> Figure:
+    """One panel per validation metric, one line per run."""
+    fig = Figure(figsize=(5 * len(CURVES), 4), layout="constrained")
+    axes = fig.subplots(1, len(CURVES))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for run in runs:
+            values = curves[run.info.run_id][key]
+            label = f"{run.info.run_name} ({run.info.run_id[:8]})"
+            ax.plot(list(values), list(values.values()), marker=".", label=label)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].legend(fontsize="small")
+    return fig

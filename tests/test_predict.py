@@ -1,0 +1,182 @@
+"""busi.predict with a tiny untrained U-Net: every image mode and size, broken inputs, MLflow model URIs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from busi import CLASSES, BusiError, tracking
+from busi.config import load_params
+from busi.model import build_model, load_checkpoint, save_checkpoint
+from busi.predict import predict, read_image
+from conftest import REPO, run_env
+from synthetic import speckle
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Others share the few cores: more threads than cores would crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    params = load_params(REPO / "params.yaml")
+    params = params.model_copy(update={
+        "model": params.model.model_copy(update={"encoder": "resnet18", "encoder_weights": None}),
+        "preprocess": params.preprocess.model_copy(update={"image_size": SIZE}),
+    })
+    torch.manual_seed(0)
+    model = build_model(params.model)
+    with torch.no_grad():  # untrained, its median lesion probability is about 0.4: lift it so masks are not empty
+        model.segmentation_head[0].bias += 0.5
+    path = tmp_path_factory.mktemp("model") / "best.pt"
+    save_checkpoint(path, model, params, epoch=1)
+    return path
+
+
+def gray(seed: int, height: int, width: int) -> np.ndarray:
+    return speckle(np.random.default_rng(seed), height, width)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """One folder of every mode and odd sizes; `twin_*` files hold the same pixels as `l_small.png`."""
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "sub").mkdir()
+    small, large = gray(1, 90, 130), gray(2, 301, 207)
+    Image.fromarray(small).save(folder / "l_small.png")
+    Image.fromarray(np.dstack([small] * 3)).save(folder / "twin_rgb.png")
+    Image.fromarray(np.dstack([small] * 3 + [np.full_like(small, 255)]), "RGBA").save(folder / "twin_rgba.png")
+    Image.fromarray(small.astype(np.uint16) * 257).save(folder / "twin_16bit.png")  # full 16-bit range
+    Image.fromarray(large).save(folder / "sub" / "large.jpg", quality=95)
+    Image.fromarray(gray(3, 40, 500)).save(folder / "sub" / "wide.png")
+    Image.fromarray(gray(4, 90, 130)).save(folder / "sub" / "l_small.png")  # same stem as the top one
+    Image.fromarray(np.zeros((90, 130), np.uint8)).save(folder / "l_small_mask.png")  # BUSI ground truth: skipped
+    return folder
+
+
+@pytest.fixture(scope="module")
+def predicted(images, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    counts = predict([images], str(checkpoint.parent), out)
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return counts, {Path(r["path"]).relative_to(images).as_posix(): r for r in records}, out
+
+
+def test_every_mode_and_size_gets_a_mask_overlay_and_json_line(predicted, images):
+    (done, failed), records, out = predicted
+    expected = ["l_small.png", "sub/l_small.png", "sub/large.jpg", "sub/wide.png", "twin_16bit.png",
+                "twin_rgb.png", "twin_rgba.png"]
+    assert (done, failed) == (len(expected), 0)
+    assert sorted(records) == expected
+    for name, record in records.items():
+        width, height = Image.open(images / name).size
+        mask = np.asarray(Image.open(out / record["mask"]))
+        assert mask.shape == (height, width) == (record["height"], record["width"]), name
+        assert set(np.unique(mask)) <= {0, 255}
+        assert record["lesion_area_px"] == (mask == 255).sum()
+        assert 0 < record["lesion_area_px"] < height * width, name  # neither empty nor full: a real test below
+        probs = record["probabilities"]
+        assert list(probs) == list(CLASSES)
+        assert sum(probs.values()) == pytest.approx(1, abs=1e-5)
+        assert record["label"] == max(probs, key=probs.get)
+        overlay = np.asarray(Image.open(out / record["overlay"]))
+        assert overlay.shape == (height, width, 3)
+    assert records["l_small.png"]["mask"] == "l_small_mask.png"
+    assert records["sub/l_small.png"]["mask"] == "l_small-2_mask.png"  # same stem: not overwritten
+
+
+def test_twins_of_one_image_predict_the_same(predicted, images):
+    """RGB, RGBA and 16-bit copies of one grayscale image give its prediction: 16-bit is scaled, not clipped."""
+    _, records, out = predicted
+    np.testing.assert_array_equal(read_image(images / "twin_16bit.png"), read_image(images / "l_small.png"))
+    reference = records["l_small.png"]
+    for name in ("twin_rgb.png", "twin_rgba.png", "twin_16bit.png"):
+        assert records[name]["probabilities"] == pytest.approx(reference["probabilities"], abs=1e-6), name
+        assert records[name]["lesion_area_px"] == reference["lesion_area_px"], name
+    assert records["sub/l_small.png"]["probabilities"] != pytest.approx(reference["probabilities"], abs=1e-6)
+
+
+def test_mask_is_the_probability_at_the_image_size_thresholded(predicted, images, checkpoint):
+    """Independently of busi.inference: torch's bilinear resize to 64 px and back, threshold 0.5."""
+    _, records, out = predicted
+    model, _, _ = load_checkpoint(checkpoint)
+    image = np.asarray(Image.open(images / "sub" / "wide.png"), np.float32) / 255
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], (SIZE, SIZE), mode="bilinear")
+        logits, class_logits = model(x)
+        back = torch.nn.functional.interpolate(torch.sigmoid(logits), image.shape, mode="bilinear")[0, 0].numpy()
+    probs = records["sub/wide.png"]["probabilities"]
+    np.testing.assert_allclose(list(probs.values()), torch.softmax(class_logits, 1)[0].numpy(), atol=2e-4)
+    mask = np.asarray(Image.open(out / records["sub/wide.png"]["mask"])) > 0
+    sure = np.abs(back - 0.5) > 0.05  # the two resizers round differently right at the threshold
+    assert sure.mean() > 0.5
+    np.testing.assert_array_equal(mask[sure], back[sure] >= 0.5)
+    overlay = np.asarray(Image.open(out / records["sub/wide.png"]["overlay"])).astype(int)
+    gray = np.asarray(Image.open(images / "sub" / "wide.png")).astype(int)
+    inside = mask & (overlay[..., 0] != overlay[..., 1])  # tinted lesion (contour pixels are yellow)
+    assert inside.sum() > 0.5 * mask.sum()
+    assert (overlay[~mask][:, 2] == gray[~mask]).mean() > 0.9  # outside the lesion (but the contour): the image
+
+
+def test_broken_files_are_reported_and_the_others_done(images, checkpoint, project):
+    good = project / "in"
+    good.mkdir()
+    Image.fromarray(gray(5, 70, 80)).save(good / "ok.png")
+    (good / "corrupt.png").write_bytes((images / "l_small.png").read_bytes()[:300])  # truncated
+    (good / "fake.jpg").write_text("not an image")
+    (project / "notes.txt").write_text("hello")
+    (project / "empty").mkdir()
+    command = [sys.executable, "-m", "busi", "predict", "in", "notes.txt", "missing.png", "empty",
+               "--model", str(checkpoint), "--out", "out"]
+    result = subprocess.run(command, cwd=project, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = result.stderr.splitlines()
+    for name in ("corrupt.png", "fake.jpg", "notes.txt", "missing.png", "empty:"):
+        assert sum(name in line for line in errors) == 1, result.stderr
+    assert len(errors) == 6 and "error: 5 of 6 inputs failed" in errors[-1]
+    lines = (project / "out" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["path"] for line in lines] == ["in/ok.png"]
+    assert np.asarray(Image.open(project / "out" / "ok_mask.png")).shape == (70, 80)
+
+
+def test_an_unknown_model_is_one_error(tmp_path, images):
+    with pytest.raises(BusiError, match="no such checkpoint"):
+        predict([images], str(tmp_path / "nothing"), tmp_path / "out")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "DVC_EXP_NAME", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)  # MLflow sets MLFLOW_EXPERIMENT_ID in os.environ itself
+    yield
+    mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_model_uris_load_the_logged_checkpoint(store, checkpoint, images, predicted, tmp_path):
+    _, from_checkpoint, _ = predicted
+    run_id = tracking.start_run(load_checkpoint(checkpoint)[1])
+    model_uri = tracking.log_model(checkpoint)
+    tracking.end_run()
+    for uri in (model_uri, f"runs:/{run_id}/model"):
+        out = tmp_path / uri.split(":")[0]
+        assert predict([images / "l_small.png"], uri, out) == (1, 0)
+        record = json.loads((out / "predictions.jsonl").read_text())
+        assert record["probabilities"] == pytest.approx(from_checkpoint["l_small.png"]["probabilities"], abs=1e-6)
+    with pytest.raises(BusiError, match="models:/nope/1: cannot load"):
+        predict([images], "models:/nope/1", tmp_path / "out")

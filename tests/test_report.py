@@ -1,0 +1,152 @@
+"""busi.report against a real sqlite MLflow store: two tiny trainings, test metrics logged as evaluate will."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from busi import BusiError
+from busi.report import plot_curves, read_curves, report
+from busi.train import train
+from conftest import REPO, SIZE, run_env, tiny_params
+
+# What the evaluate stage logs into the training run (test.<key> from metrics/test.json), for two runs.
+TEST_METRICS = {
+    "resnet18-scse": {"iou": 0.41234, "dice": 0.58, "pixel_accuracy": 0.951, "f1_weighted": 0.877,
+                      "dice_per_image": 0.55, "ci95.dice.low": 0.52, "ci95.dice.high": 0.635, "ci95.iou.low": 0.35,
+                      "ci95.iou.high": 0.47, "per_class.malignant.dice": 0.5},
+    "resnet18-plain": {"iou": 0.5, "dice": 0.66, "pixel_accuracy": 0.96, "f1_weighted": 0.8},
+    "no-lesion": {"pixel_accuracy": 0.99, "images": 3},  # a test split without lesions: no Dice, no IoU
+}
+
+
+def small_params(epochs: int, attention: str | None):
+    params = tiny_params(epochs=epochs, max_train_images=4)
+    return params.model_copy(update={
+        "model": params.model.model_copy(update={"attention": attention}),
+        "preprocess": params.preprocess.model_copy(update={"image_size": SIZE}),  # as `processed` was made
+    })
+
+
+@pytest.fixture(scope="module")
+def study(processed, tmp_path_factory):  # noqa: F811
+    """Two finished, evaluated trainings, finished runs with some and without test metrics, a failed one."""
+    root = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "DVC_EXP_NAME"):
+            env.delenv(name, raising=False)
+        try:
+            configs = {"resnet18-scse": small_params(2, "scse"), "resnet18-plain": small_params(3, None)}
+            summaries = {name: train(processed, params, root / name, root / f"{name}.json", root / f"{name}.csv")
+                         for name, params in configs.items()}
+        finally:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment put it there
+            mlflow.set_tracking_uri(None)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("busi").experiment_id
+    run_ids = {name: summary["run_id"] for name, summary in summaries.items()}
+    for name, status in [("no-lesion", "FINISHED"), ("not-evaluated", "FINISHED"), ("crashed", "FAILED")]:
+        run_ids[name] = client.create_run(experiment, run_name=name).info.run_id
+        client.log_metric(run_ids[name], "val_loss", 1.0, timestamp=1000, step=1)
+        client.log_metric(run_ids[name], "val_loss", 0.5, timestamp=2000, step=1)  # epoch 1 again, resumed
+        client.set_terminated(run_ids[name], status)
+    for name, metrics in TEST_METRICS.items():
+        for key, value in metrics.items():
+            client.log_metric(run_ids[name], f"test.{key}", value)
+    return root, uri, summaries
+
+
+@pytest.fixture
+def store(study, monkeypatch):
+    root, uri, summaries = study
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return root, summaries
+
+
+def table_rows(text: str, section: str) -> list[list[str]]:
+    """The cells of the first markdown table after `section`'s heading, without its header."""
+    lines = text[text.index(section):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_table_has_one_row_per_evaluated_run_beside_the_study(store, tmp_path):
+    root, summaries = store
+    out = report(tmp_path / "reports" / "study.md", None)
+    text = out.read_text()
+    rows = table_rows(text, "## Test split")
+    plain, scse = summaries["resnet18-plain"], summaries["resnet18-scse"]
+    no_lesion = rows.pop()  # no Dice: last
+    assert no_lesion[0].startswith("no-lesion (") and no_lesion[4:] == ["?", "?", "–", "–", "0.990", "–", "–", "–"]
+    assert rows == [  # best test Dice first
+        [f"resnet18-plain (`{plain['run_id'][:8]}`)", "resnet18", "none", "none", "64",
+         f"3 / {plain['best_epoch']}", "0.500", "0.660", "0.960", "0.800", "–", "–"],
+        [f"resnet18-scse (`{scse['run_id'][:8]}`)", "resnet18", "scse", "none", "64",
+         f"2 / {scse['best_epoch']}", "0.412 [0.350, 0.470]", "0.580 [0.520, 0.635]", "0.951", "0.877", "0.550",
+         "0.500"],
+    ]
+    assert "Not evaluated (no `test.*` metrics; their curves are in the figure): not-evaluated (`" in text
+    assert "crashed" not in text and "left out: 1 runs not finished" in text
+    study = table_rows(text, "## The study's Table 1")
+    assert len(study) == 5 and study[0] == ["VGG16 + attention", "0.41", "0.58", "0.95", "0.877"]
+    assert study[2] == ["ResNet50 + attention", "0.50", "0.66", "0.95", "0.82"]
+    figure = out.with_name("study_val_curves.png")
+    assert f"]({figure.name})" in text
+    with Image.open(figure) as png:
+        assert png.format == "PNG" and png.size == (1200, 480)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["study.md", "study_val_curves.png"]  # no temporaries
+
+
+def test_figure_overlays_every_finished_runs_validation_curves(store):
+    root, summaries = store
+    client = MlflowClient()
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("busi").experiment_id])
+            if r.info.status == "FINISHED"]
+    fig = plot_curves(runs, read_curves(client, runs))
+    loss, iou = fig.axes
+    assert (loss.get_title(), iou.get_title()) == ("validation loss", "validation IoU")
+    for ax, key in [(loss, "val_loss"), (iou, "val_iou")]:
+        lines = {line.get_label().split(" (")[0]: line for line in ax.get_lines()}
+        assert sorted(lines) == ["no-lesion", "not-evaluated", "resnet18-plain", "resnet18-scse"]
+        for name in summaries:
+            with (root / f"{name}.csv").open() as f:  # the training's own history, rounded to 6 digits
+                history = [(int(row["epoch"]), float(row[key])) for row in csv.DictReader(f)]
+            drawn = list(zip(lines[name].get_xdata(), lines[name].get_ydata(), strict=True))
+            assert [e for e, _ in drawn] == [e for e, _ in history]
+            assert [v for _, v in drawn] == pytest.approx([v for _, v in history], abs=1e-6)
+    resumed = next(line for line in loss.get_lines() if line.get_label().startswith("not-evaluated"))
+    assert list(resumed.get_ydata()) == [0.5]  # an epoch logged twice: the later value
+
+
+def test_a_missing_or_empty_experiment_is_one_error(store, tmp_path, monkeypatch):
+    with pytest.raises(BusiError, match="experiment 'nope' not found"):
+        report(tmp_path / "study.md", "nope")
+    MlflowClient().create_experiment("empty", artifact_location=tmp_path.as_uri())
+    with pytest.raises(BusiError, match="experiment 'empty' .* has no finished runs"):
+        report(tmp_path / "study.md", "empty")
+    assert not (tmp_path / "study.md").exists()
+
+    result = subprocess.run([sys.executable, "-m", "busi", "--params", str(REPO / "params.yaml"), "report",
+                             "--experiment", "nope", "--out", str(tmp_path / "study.md")],
+                            env=run_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: MLflow experiment 'nope' not found in "
+                                          f"{os.environ['MLFLOW_TRACKING_URI']}: train a model first"]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/none.db")
+    with pytest.raises(BusiError, match="no MLflow store at"):
+        report(tmp_path / "study.md", None)
+    assert not (tmp_path / "none.db").exists()  # not created by asking
