@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--model", required=True, help="checkpoint folder/file, or an MLflow model URI (models:/...)")
     cmd.add_argument("--out", type=Path, required=True)
 
+    cmd = commands.add_parser("check-metrics", help="fail when test metrics drop below a baseline (CI gate)")
+    cmd.add_argument("new", type=Path, help="new metrics JSON (e.g. metrics/test.json)")
+    cmd.add_argument("--baseline", type=Path, required=True, help="committed baseline metrics JSON")
+
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -97,6 +101,14 @@ def run(args: argparse.Namespace, params) -> str:
         summary = train(args.data, params, args.out, args.metrics, args.history)
         best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best"].items())
         return f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {best}; MLflow run {summary['run_id']}"
+    if args.command == "check-metrics":
+        from busi.gate import check_metrics
+
+        table, regressed = check_metrics(args.new, args.baseline)
+        print(table)
+        if regressed:
+            raise BusiError(f"metrics regressed beyond tolerance: {', '.join(regressed)}")
+        return "no gated metric regressed"
     if args.command == "evaluate":
         from busi.evaluate import evaluate
 

@@ -1,0 +1,58 @@
+"""The metrics gate: compare a new metrics/test.json with a committed baseline and fail on a regression.
+
+Every gated metric is higher-is-better; a drop larger than its tolerance (absolute) fails the check.
+The tolerances are provisional until run-to-run variation of the CI profile is measured (issue 5).
+"""
+
+import json
+from pathlib import Path
+
+from busi import BusiError
+
+TOLERANCES = {  # dotted key in test.json -> largest allowed drop
+    "dice": 0.03,
+    "iou": 0.03,
+    "pixel_accuracy": 0.01,
+    "dice_per_image": 0.03,
+    "f1_weighted": 0.05,
+    "accuracy": 0.05,
+}
+
+
+def read_metrics(path: Path) -> dict:
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BusiError(f"{path}: not found") from None
+    except json.JSONDecodeError as err:
+        raise BusiError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(metrics, dict):
+        raise BusiError(f"{path}: expected a JSON object of metrics")
+    return metrics
+
+
+def lookup(metrics: dict, key: str, path: Path) -> float:
+    value = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise BusiError(f"{path}: metric {key!r} missing")
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BusiError(f"{path}: metric {key!r} is not a number (got {value!r})")
+    return float(value)
+
+
+def check_metrics(new_path: Path, baseline_path: Path) -> tuple[str, list[str]]:
+    """A markdown table (metric, baseline, new, change, tolerance, status) and the regressed metric names."""
+    new, baseline = read_metrics(new_path), read_metrics(baseline_path)
+    rows = ["| metric | baseline | new | change | tolerance | status |", "|---|---|---|---|---|---|"]
+    regressed = []
+    for key, tolerance in TOLERANCES.items():
+        before, after = lookup(baseline, key, baseline_path), lookup(new, key, new_path)
+        change = after - before
+        ok = change >= -tolerance
+        if not ok:
+            regressed.append(key)
+        rows.append(f"| {key} | {before:.4f} | {after:.4f} | {change:+.4f} | {tolerance:.2f} | "
+                    f"{'ok' if ok else 'REGRESSED'} |")
+    return "\n".join(rows), regressed
