@@ -86,3 +86,14 @@ def store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return mlflow.MlflowClient(uri)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Another process may be training on the same few cores: more threads than cores would crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,15 +19,7 @@ from conftest import REPO, run_env
 from synthetic import speckle
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Others share the few cores: more threads than cores would crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

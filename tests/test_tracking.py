@@ -16,6 +16,7 @@ from busi.model import build_model, predict_batch, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
+pytestmark = pytest.mark.usefixtures("one_thread")
 HISTORY = [
     {"epoch": 1, "train_loss": 1.2, "val_loss": 1.1, "train_iou": 0.1, "val_iou": 0.12, "val_dice": 0.2,
      "val_accuracy": 0.5, "lr": 1e-3, "images_per_s": 40.0},
@@ -37,15 +38,6 @@ def tiny_params(**model):
 
 def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Another process may be training on the same few cores: more threads than cores would crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

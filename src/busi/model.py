@@ -77,10 +77,6 @@ def replace_max_pooling(module: nn.Module) -> None:
             replace_max_pooling(child)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @torch.no_grad()
 def predict_batch(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lesion probability maps and class probabilities for a float batch [N,1,H,W] in [0, 1]."""
