@@ -27,8 +27,11 @@ def timed(*args: str, cwd: Path, env: dict) -> float:
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=REPO.parent / "shared/data/busi/Dataset_BUSI_with_GT.zip")
-    args = parser.parse_args()
-    env = {**os.environ, "BUSI_ARCHIVE": str(args.archive.resolve())}
+    return run(parser.parse_args().archive)
+
+
+def run(archive: Path) -> dict:
+    env = {**os.environ, "BUSI_ARCHIVE": str(archive.resolve())}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
         for name in ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]:

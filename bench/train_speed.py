@@ -78,12 +78,16 @@ def main() -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=3)
     args = parser.parse_args()
+    return run(args.encoders, args.size, args.batch_size, args.batches)
+
+
+def run(encoders: list[str], size: int = 224, batch_size: int = 8, batches: int = 3) -> dict:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     results = {}
     print(f"{'encoder':>10} {'precision':>9} {'project img/s':>14} {'bare img/s':>11} {'ratio':>6}")
-    for encoder in args.encoders:
+    for encoder in encoders:
         for name, dtype in [("fp32", None), ("bf16", torch.bfloat16)]:
-            row = measure(encoder, args.size, args.batch_size, args.batches, dtype)
+            row = measure(encoder, size, batch_size, batches, dtype)
             results[f"{encoder}/{name}"] = row
             print(f"{encoder:>10} {name:>9} {row['project_images_per_s']:>14.2f} {row['bare_images_per_s']:>11.2f} "
                   f"{row['ratio']:>6.2f}", flush=True)
