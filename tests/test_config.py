@@ -33,6 +33,8 @@ def test_repository_params_are_valid():
         (lambda p: p["split"].update(conflicts="merge"), "split.conflicts: Input should be 'drop' or 'keep'"),
         (lambda p: p.pop("preprocess"), "preprocess: Field required"),
         (lambda p: p.update(trian={}), "trian: Extra inputs are not permitted"),
+        (lambda p: p["train"].update(ema=1.0), "train.ema: Input should be less than 1"),
+        (lambda p: p["evaluate"].update(flip_tta="yes"), "evaluate.flip_tta: Input should be 'auto', 'on' or 'off'"),
     ],
 )
 def test_invalid_params_name_the_parameter(tmp_path, change, message):

@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from busi import CLASSES, BusiError
 from busi.cli import main
@@ -18,6 +19,8 @@ from busi.evaluate import (
     CI_METRICS,
     bootstrap_ci,
     cases_figure,
+    choose_flip_tta,
+    choose_label_from_mask,
     choose_largest_component,
     classification_metrics,
     evaluate,
@@ -26,6 +29,7 @@ from busi.evaluate import (
     score,
     segmentation_metrics,
 )
+from busi.inference import class_labels, predict_arrays
 from busi.train import train
 from conftest import tiny_params
 
@@ -61,8 +65,8 @@ def score_masks(tmp_path, references, predictions, labels, largest_component=Fal
 
 
 def params(**changes) -> EvaluateParams:
-    return EvaluateParams(**{"threshold": 0.5, "largest_component": "auto", "bootstrap": 200, "seed": 0,
-                             "figure_cases": 1, **changes})
+    return EvaluateParams(**{"threshold": 0.5, "largest_component": "auto", "flip_tta": "auto",
+                             "label_from_mask": "auto", "bootstrap": 200, "seed": 0, "figure_cases": 1, **changes})
 
 
 @pytest.mark.parametrize(("reference", "prediction", "dice", "iou"), [
@@ -223,8 +227,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
     monkeypatch.setattr("busi.evaluate.choose_largest_component", spy)
     args = ["--data", str(processed), "--masks", str(masks_dir), "--model", str(tmp_path / "models"),
             "--train-metrics", str(tmp_path / "train.json"), "--history", str(tmp_path / "history.csv"),
-            "--out", str(tmp_path / "test.json"), "--plots", str(tmp_path / "plots"),
-            "--figures", str(tmp_path / "figures")]
+            "--out", str(tmp_path / "test.json"), "--val-out", str(tmp_path / "val.json"),
+            "--plots", str(tmp_path / "plots"), "--figures", str(tmp_path / "figures")]
     assert main(["--params", str(tmp_path / "params.yaml"), "evaluate", *args]) == 0
     assert "evaluate: test dice" in capsys.readouterr().out
 
@@ -237,7 +241,13 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
     assert metrics["images"] == len(test["ids"]) == sum(sum(row.values()) for row in metrics["confusion"].values())
     assert set(metrics["per_class"]) == set(CLASSES) and "dice" in metrics["per_class"]["malignant"]
     assert set(metrics["ci95"]) == set(CI_METRICS) and set(metrics["ci95"]["dice"]) == {"low", "high"}
-    assert set(metrics["postprocessing"]) == {"largest_component", "val_dice_with", "val_dice_without"}
+    assert set(metrics["postprocessing"]) == {"flip_tta", "val_score_with_flip", "val_score_without_flip",
+                                              "largest_component", "val_dice_with", "val_dice_without",
+                                              "label_from_mask", "val_f1_with_mask_label",
+                                              "val_f1_without_mask_label"}
+    val_metrics = json.loads((tmp_path / "val.json").read_text())  # what runs are compared on
+    assert val_metrics["images"] == len(val["ids"]) and set(val_metrics["per_class"]) == set(CLASSES)
+    assert {"dice", "iou", "dice_per_image", "f1_weighted", "accuracy"} <= set(val_metrics)
 
     per_image = pd.read_csv(tmp_path / "plots/per_image.csv")
     assert list(per_image.columns) == ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px",
@@ -289,3 +299,63 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
         evaluate(processed, masks_dir, tmp_path / "models", tmp_path / "other.json", tmp_path / "history.csv",
                  evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
     assert not (tmp_path / "t.json").exists()
+
+
+class LeftHalf(torch.nn.Module):
+    """A 'model' that sees only the left half of the image: mirroring changes its answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        left = torch.zeros_like(x)
+        left[..., : x.shape[-1] // 2] = x[..., : x.shape[-1] // 2]
+        class_logits = torch.stack([left.mean((1, 2, 3)), x.mean((1, 2, 3)), torch.zeros(len(x))], 1)
+        return (left * 20 - 1) * self.weight, class_logits
+
+
+def test_flip_tta_averages_with_the_mirrored_prediction():
+    images = np.zeros((1, 8, 8), np.uint8)
+    images[0, :, :4] = 255  # bright on the left
+    plain, plain_classes = predict_arrays(LeftHalf(), images)
+    averaged, averaged_classes = predict_arrays(LeftHalf(), images, flip=True)
+    mirrored, mirrored_classes = predict_arrays(LeftHalf(), images[:, :, ::-1].copy())
+    np.testing.assert_allclose(averaged, (plain + mirrored[:, :, ::-1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(averaged_classes, (plain_classes + mirrored_classes) / 2, atol=1e-6)
+    assert not np.allclose(averaged, plain)
+
+
+def test_flip_tta_is_forced_or_decided_on_validation(tmp_path):
+    val, masks_dir = make_split(tmp_path, [square(0, 0, side=8, size=(8, 8))] * 2, ["benign", "malignant"],
+                                images_size=8)
+    val["images"][:] = 255
+    assert choose_flip_tta(LeftHalf(), val, masks_dir, params(flip_tta="on")) == {"flip_tta": True}
+    assert choose_flip_tta(LeftHalf(), val, masks_dir, params(flip_tta="off")) == {"flip_tta": False}
+    decision = choose_flip_tta(LeftHalf(), val, masks_dir, params())
+    # The lesion fills the image: the plain prediction finds its left half, the average all of it.
+    assert decision["flip_tta"] is True and decision["val_score_with_flip"] > decision["val_score_without_flip"]
+
+
+def test_labels_from_the_mask_follow_the_predicted_lesion():
+    probabilities = np.array([[0.2, 0.1, 0.7], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])  # benign, malignant, normal
+    area = np.array([40, 0, 0])
+    assert list(class_labels(probabilities, area, from_mask=False)) == [2, 0, 2]  # the head's choice
+    assert list(class_labels(probabilities, area, from_mask=True)) == [0, 2, 2]  # a lesion: benign; none: normal
+
+
+def test_label_from_mask_is_forced_or_decided_on_validation(tmp_path):
+    # The head calls every image benign; the masks find the lesion images and leave the normal one empty.
+    references = [square(2, 2), square(8, 8), EMPTY]
+    val, masks_dir = make_split(tmp_path, references, ["benign", "malignant", "normal"])
+    probabilities = np.stack(references).astype(np.float32)
+    head = np.array([[0.5, 0.4, 0.1], [0.4, 0.35, 0.25], [0.6, 0.1, 0.3]], np.float32)
+    decision = choose_label_from_mask(probabilities, head, val, masks_dir, params(), largest_component=False)
+    assert decision["label_from_mask"] is True
+    assert decision["val_f1_with_mask_label"] > decision["val_f1_without_mask_label"]
+    off = choose_label_from_mask(probabilities, head, val, masks_dir, params(label_from_mask="off"), False)
+    assert off == {"label_from_mask": False}
+    # Where the head is right and the masks miss the lesions, auto keeps the head.
+    right = np.eye(3, dtype=np.float32)
+    missed = np.zeros_like(probabilities)
+    assert choose_label_from_mask(missed, right, val, masks_dir, params(), False)["label_from_mask"] is False

@@ -62,3 +62,14 @@ def test_checkpoint_round_trip_and_refuses_non_checkpoints(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(BusiError, match="bad.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_checkpoint_older_than_a_parameter_still_loads(tmp_path):
+    """Checkpoints written before train.ema and the evaluate post-processing options existed."""
+    model = build_model(model_params())
+    save_checkpoint(tmp_path / "best.pt", model, PARAMS, epoch=1)
+    state = torch.load(tmp_path / "best.pt", weights_only=True)
+    del state["params"]["train"]["ema"], state["params"]["evaluate"]["label_from_mask"]
+    torch.save(state, tmp_path / "best.pt")
+    _, params, _ = load_checkpoint(tmp_path)
+    assert params.train.ema == 0.0 and params.evaluate.label_from_mask == "off"  # the older behaviour

@@ -60,7 +60,7 @@ def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
     train = np.load(repo / "data/processed/train.npz")
     assert train["images"].shape[1:] == (64, 64)
     metrics = sh("dvc", "metrics", "show", cwd=repo, env=env)
-    assert "split.json" in metrics and "train.json" in metrics and "test.json" in metrics
+    assert all(name in metrics for name in ["split.json", "train.json", "val.json", "test.json"])
     assert (repo / "models/best.pt").exists() and run_names(repo) == ["resnet18-scse"]
     assert "mlflow.db" not in sh("git", "status", "--porcelain", cwd=repo)  # git-ignored
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import mlflow
 import numpy as np
 import pytest
@@ -172,3 +173,22 @@ def test_mlflow_model_uris_load_the_logged_checkpoint(store, checkpoint, images,
         assert record["probabilities"] == pytest.approx(from_checkpoint["l_small.png"]["probabilities"], abs=1e-6)
     with pytest.raises(BusiError, match="models:/nope/1: cannot load"):
         predict([images], "models:/nope/1", tmp_path / "out")
+
+
+def test_flip_tta_and_largest_component_as_in_evaluation(images, checkpoint, tmp_path):
+    """--flip-tta averages with the mirrored image's class probabilities, --largest-component leaves one region,
+    --label-from-mask names a class with a lesion."""
+    model, _, _ = load_checkpoint(checkpoint)
+    image = np.asarray(Image.open(images / "sub" / "wide.png"), np.float32) / 255
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], (SIZE, SIZE), mode="bilinear")
+        expected = (torch.softmax(model(x)[1], 1) + torch.softmax(model(x.flip(3))[1], 1))[0].numpy() / 2
+    main_args = [sys.executable, "-m", "busi", "predict", str(images / "sub" / "wide.png"), "--model",
+                 str(checkpoint), "--out", str(tmp_path), "--flip-tta", "--largest-component", "--label-from-mask"]
+    result = subprocess.run(main_args, env=run_env(), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "predictions.jsonl").read_text())
+    np.testing.assert_allclose(list(record["probabilities"].values()), expected, atol=2e-4)
+    mask = (np.asarray(Image.open(tmp_path / record["mask"])) > 0).astype(np.uint8)
+    assert mask.any() and cv2.connectedComponents(mask)[0] == 2  # background + one region
+    assert record["label"] == ("benign" if expected[0] > expected[1] else "malignant")  # a lesion: not normal

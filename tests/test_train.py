@@ -24,10 +24,11 @@ def test_loss_falls_when_overfitting_a_handful_of_images(processed, tmp_path, st
 
 
 def test_outputs_checkpoints_and_mlflow_run(processed, tmp_path, store):
-    summary = train(processed, tiny_params(), tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv")
+    summary = train(processed, tiny_params(ema=0.0), tmp_path / "models", tmp_path / "train.json",
+                    tmp_path / "history.csv")
     assert json.loads((tmp_path / "train.json").read_text()) == summary
     assert summary["epochs_run"] == 2 and 1 <= summary["best_epoch"] <= 2
-    assert set(summary["best"]) == {"val_loss", "val_iou", "val_dice", "val_accuracy"}
+    assert set(summary["best"]) == {"val_loss", "val_iou", "val_dice", "val_accuracy"}  # no EMA: no val_raw_*
     model, params, state = load_checkpoint(tmp_path / "models")  # weights_only=True inside
     assert params.model.encoder == "resnet18" and state["epoch"] == summary["best_epoch"]
     mask_logits, class_logits = model(torch.rand(2, 1, SIZE, SIZE))
@@ -35,6 +36,18 @@ def test_outputs_checkpoints_and_mlflow_run(processed, tmp_path, store):
     run = store.get_run(summary["run_id"])
     assert run.data.params["train.epochs"] == "2"
     assert [m.step for m in store.get_metric_history(run.info.run_id, "val_dice")] == [1, 2]
+
+
+def test_the_moving_average_is_validated_and_saved_beside_the_raw_weights(processed, tmp_path, store):
+    summary = train(processed, tiny_params(epochs=1, ema=0.5), tmp_path / "models", tmp_path / "train.json",
+                    tmp_path / "history.csv")
+    assert {"val_raw_dice", "val_raw_iou", "val_raw_accuracy"} <= set(summary["best"])
+    best = torch.load(tmp_path / "models/best.pt", weights_only=True)
+    last = torch.load(tmp_path / "models/last.pt", weights_only=True)
+    averaged = {key.removeprefix("module."): value for key, value in last["ema"].items() if key != "n_averaged"}
+    assert best["model"].keys() == averaged.keys()
+    assert all(torch.equal(best["model"][key], averaged[key]) for key in averaged)  # best.pt holds the average
+    assert not all(torch.equal(best["model"][key], last["model"][key]) for key in averaged)  # not the raw weights
 
 
 def read_last(path):
@@ -45,7 +58,8 @@ def read_last(path):
 
 
 def test_killed_training_resumes_from_the_last_finished_epoch(processed, tmp_path, store):
-    (tmp_path / "params.yaml").write_text(json.dumps(tiny_params(epochs=6).model_dump(mode="json")))
+    # With a moving average of the weights: its state is resumed too.
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny_params(epochs=6, ema=0.9).model_dump(mode="json")))
     command = [sys.executable, "-m", "busi", "train", "--data", str(processed), "--out", "models"]
     env = run_env(MLFLOW_TRACKING_URI=store.tracking_uri)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -68,6 +82,7 @@ def test_killed_training_resumes_from_the_last_finished_epoch(processed, tmp_pat
     assert final["finished"] and [row["epoch"] for row in final["history"]] == [1, 2, 3, 4, 5, 6]
     assert final["history"][: killed_at["epoch"]] == killed_at["history"]  # the finished epochs are kept
     assert final["run_id"] == killed_at["run_id"]  # the same MLflow run continues
+    assert final["ema"]["n_averaged"] > killed_at["ema"]["n_averaged"]  # the average went on, not restarted
     steps = [m.step for m in store.get_metric_history(final["run_id"], "train_loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
 

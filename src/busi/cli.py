@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"))
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
     cmd.add_argument("--out", type=Path, default=Path("metrics/test.json"))
+    cmd.add_argument("--val-out", type=Path, default=Path("metrics/val.json"),
+                     help="the validation split's metrics under the chosen post-processing (compare runs on these)")
     cmd.add_argument("--plots", type=Path, default=Path("metrics/plots"), help="per-image CSV, confusion CSV")
     cmd.add_argument("--figures", type=Path, default=Path("reports/figures"))
 
@@ -56,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG) or folders of them")
     cmd.add_argument("--model", required=True, help="checkpoint folder/file, or an MLflow model URI (models:/...)")
     cmd.add_argument("--out", type=Path, required=True)
+    cmd.add_argument("--flip-tta", action="store_true", help="average with the mirrored image (test-time augmentation)")
+    cmd.add_argument("--largest-component", action="store_true", help="keep only the largest lesion region")
+    cmd.add_argument("--label-from-mask", action="store_true", help="no predicted lesion -> normal, else the more "
+                     "probable of benign and malignant")
+
+    cmd = commands.add_parser("ablate", help="validation metrics as each post-processing step is added (no test)")
+    cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
 
     cmd = commands.add_parser("check-metrics", help="fail when test metrics drop below a baseline (CI gate)")
     cmd.add_argument("new", type=Path, help="new metrics JSON (e.g. metrics/test.json)")
@@ -113,8 +124,13 @@ def run(args: argparse.Namespace, params) -> str:
         from busi.evaluate import evaluate
 
         metrics = evaluate(args.data, args.masks, args.model, args.train_metrics, args.history, params.evaluate,
-                           args.out, args.plots, args.figures)
+                           args.out, args.plots, args.figures, args.val_out)
         return f"test dice {metrics['dice']:.3f}, iou {metrics['iou']:.3f}, f1_weighted {metrics['f1_weighted']:.3f}"
+    if args.command == "ablate":
+        from busi.ablation import ablate, markdown
+
+        print(markdown(ablate(args.models, args.data, args.masks, params.evaluate.threshold)))
+        return "validation split only"
     if args.command == "report":
         from busi.report import report
 
@@ -122,7 +138,8 @@ def run(args: argparse.Namespace, params) -> str:
     if args.command == "predict":
         from busi.predict import predict
 
-        done, failed = predict(args.inputs, args.model, args.out)
+        done, failed = predict(args.inputs, args.model, args.out, args.flip_tta, args.largest_component,
+                               args.label_from_mask)
         if failed:
             raise BusiError(f"{failed} of {done + failed} inputs failed (see above); the rest are in {args.out}")
         return f"{done} images in {args.out}"

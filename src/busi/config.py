@@ -95,6 +95,7 @@ class TrainParams(Section):
     class_loss_weight: float = Field(ge=0)  # cross-entropy on the class, added to Dice + BCE on the mask
     monitor: Literal["val_dice", "val_iou", "val_loss", "val_accuracy"]  # picks the best checkpoint
     patience: int = Field(ge=1)  # early stopping: epochs without a better monitor value
+    ema: float = Field(ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 turns it off
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where the CPU supports it, AMP on CUDA
     max_train_images: int = Field(ge=0)  # 0: all; a smaller number makes quick smoke runs
 
@@ -102,6 +103,8 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     threshold: float = Field(gt=0, lt=1)  # on the lesion probability
     largest_component: Literal["auto", "on", "off"]  # auto: keep it only if it helps on the validation split
+    flip_tta: Literal["auto", "on", "off"]  # average with the mirrored image; auto: decided on the validation split
+    label_from_mask: Literal["auto", "on", "off"]  # no predicted lesion -> normal; auto: decided on validation
     bootstrap: int = Field(ge=0)  # resamples for the 95% confidence intervals; 0 turns them off
     seed: int
     figure_cases: int = Field(ge=1)  # best and worst test cases per class in the contour figure

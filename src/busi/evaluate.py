@@ -23,7 +23,7 @@ from busi import CLASSES, BusiError, tracking
 from busi.config import EvaluateParams
 from busi.data import load_split
 from busi.files import atomic_file
-from busi.inference import binarize, predict_arrays, to_original_size
+from busi.inference import binarize, class_labels, predict_arrays, to_original_size
 from busi.model import load_checkpoint
 
 PER_IMAGE_COLUMNS = ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px", "predicted_area_px"]
@@ -33,8 +33,10 @@ FIGURE_2 = "figure2_contours.png"
 
 
 def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_json: Path, history_csv: Path,
-             params: EvaluateParams, out_json: Path, plots_dir: Path, figures_dir: Path) -> dict:
-    """Write test.json, the plot CSVs and figures, log them to the training's MLflow run; returns the metrics."""
+             params: EvaluateParams, out_json: Path, plots_dir: Path, figures_dir: Path,
+             val_json: Path | None = None) -> dict:
+    """Write test.json (and val.json), the plot CSVs and figures, log them to the training's MLflow run;
+    returns the test metrics."""
     run_id = training_run(train_metrics_json)  # before any work: a missing run fails at once
     history = read_history(history_csv)
     if not Path(model_dir).exists():
@@ -45,22 +47,27 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
     if not len(test["labels"]):
         raise BusiError(f"{Path(data_dir) / 'test.npz'}: the test split holds no images")
 
-    postprocessing = choose_largest_component(predict_arrays(model, val["images"])[0], val, masks_dir, params)
-    probabilities, class_probabilities = predict_arrays(model, test["images"])
-    cases, references, predictions = score(probabilities, test, masks_dir, params.threshold,
-                                           postprocessing["largest_component"])
-    cases["predicted_label"] = [CLASSES[i] for i in class_probabilities.argmax(1)]
-
-    metrics = {"images": len(cases), **segmentation_metrics(cases),
-               **classification_metrics(cases, class_probabilities),
-               "per_class": per_class_metrics(cases),
-               "ci95": bootstrap_ci(cases, params.bootstrap, params.seed),
-               "postprocessing": postprocessing}
+    # Post-processing is chosen on the validation split, whose metrics under that choice are what experiments
+    # are compared on (val.json); the test split only reports.
+    postprocessing = choose_flip_tta(model, val, masks_dir, params)
+    val_probabilities, val_class_probabilities = predict_arrays(model, val["images"], flip=postprocessing["flip_tta"])
+    postprocessing |= choose_largest_component(val_probabilities, val, masks_dir, params)
+    postprocessing |= choose_label_from_mask(val_probabilities, val_class_probabilities, val, masks_dir, params,
+                                             postprocessing["largest_component"])
+    chosen = (params.threshold, postprocessing["largest_component"], postprocessing["label_from_mask"])
+    val_metrics = (split_metrics(val_probabilities, val_class_probabilities, val, masks_dir, *chosen)[0]
+                   if len(val["labels"]) else {"images": 0})
+    probabilities, class_probabilities = predict_arrays(model, test["images"], flip=postprocessing["flip_tta"])
+    metrics, cases, references, predictions = split_metrics(probabilities, class_probabilities, test, masks_dir,
+                                                            *chosen)
+    metrics |= {"ci95": bootstrap_ci(cases, params.bootstrap, params.seed), "postprocessing": postprocessing}
     figures = {FIGURE_1: training_figure(history),
                FIGURE_2: cases_figure(cases, test, references, predictions, params.figure_cases)}
 
-    with atomic_file(out_json) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    for path, content in ((out_json, metrics), (val_json, val_metrics)):
+        if path is not None:
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(content, indent=2) + "\n")
     with atomic_file(Path(plots_dir) / "per_image.csv") as tmp:
         cases[PER_IMAGE_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
     with atomic_file(Path(plots_dir) / "confusion.csv") as tmp:
@@ -68,8 +75,21 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
     for name, figure in figures.items():
         with atomic_file(Path(figures_dir) / name) as tmp:
             figure.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png to infer it from
-    log_to_run(run_id, metrics, cases, figures)
+    log_to_run(run_id, metrics, cases, figures, val_metrics)
     return metrics
+
+
+def split_metrics(probabilities: np.ndarray, class_probabilities: np.ndarray, arrays: dict, masks_dir: Path,
+                  threshold: float, largest_component: bool,
+                  label_from_mask: bool = False) -> tuple[dict, pd.DataFrame, list, list]:
+    """Segmentation, classification and per-class metrics of one split; also its per-image cases and masks.
+    ROC-AUC is the head's, from its probabilities, whichever way the labels are decided."""
+    cases, references, predictions = score(probabilities, arrays, masks_dir, threshold, largest_component)
+    labels = class_labels(class_probabilities, cases["predicted_area_px"].to_numpy(), label_from_mask)
+    cases["predicted_label"] = [CLASSES[i] for i in labels]
+    metrics = {"images": len(cases), **segmentation_metrics(cases),
+               **classification_metrics(cases, class_probabilities), "per_class": per_class_metrics(cases)}
+    return metrics, cases, references, predictions
 
 
 def training_run(train_metrics_json: Path) -> str:
@@ -192,6 +212,24 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int) -> dict:
             for name, lo, hi in zip(CI_METRICS, low, high, strict=True) if np.isfinite(lo)}
 
 
+def choose_flip_tta(model, val: dict, masks_dir: Path, params: EvaluateParams) -> dict:
+    """Average with the mirrored image? Forced by on/off; for auto, only if it raises the validation split's
+    mean of per-image Dice and weighted F1 (it changes both the masks and the classes)."""
+    decision = {"flip_tta": params.flip_tta == "on"}
+    if params.flip_tta != "auto" or not len(val["labels"]):
+        return decision
+    score_of = {}
+    for flip in (True, False):
+        probabilities, class_probabilities = predict_arrays(model, val["images"], flip=flip)
+        cases, _, _ = score(probabilities, val, masks_dir, params.threshold, largest_component=False)
+        cases["predicted_label"] = [CLASSES[i] for i in class_probabilities.argmax(1)]
+        dice = segmentation_metrics(cases)["dice_per_image"]
+        f1 = f1_score(cases["label"], cases["predicted_label"], average="weighted", zero_division=0)
+        score_of[flip] = float(np.nanmean([dice, f1]))
+    return {"flip_tta": score_of[True] > score_of[False],
+            "val_score_with_flip": score_of[True], "val_score_without_flip": score_of[False]}
+
+
 def choose_largest_component(val_probabilities: np.ndarray, val: dict, masks_dir: Path,
                              params: EvaluateParams) -> dict:
     """Keep only the largest connected component? Forced by on/off; for auto, only if it raises the validation
@@ -207,6 +245,19 @@ def choose_largest_component(val_probabilities: np.ndarray, val: dict, masks_dir
         if params.largest_component == "auto":
             decision["largest_component"] = bool(dice[True] > dice[False])
     return decision
+
+
+def choose_label_from_mask(val_probabilities: np.ndarray, val_class_probabilities: np.ndarray, val: dict,
+                           masks_dir: Path, params: EvaluateParams, largest_component: bool) -> dict:
+    """Let the class follow the predicted mask (no lesion -> normal)? Forced by on/off; for auto, only if it
+    raises the validation split's weighted F1."""
+    decision = {"label_from_mask": params.label_from_mask == "on"}
+    if params.label_from_mask != "auto" or not len(val["labels"]):
+        return decision
+    f1 = {from_mask: split_metrics(val_probabilities, val_class_probabilities, val, masks_dir, params.threshold,
+                                   largest_component, from_mask)[0]["f1_weighted"] for from_mask in (True, False)}
+    return {"label_from_mask": f1[True] > f1[False], "val_f1_with_mask_label": f1[True],
+            "val_f1_without_mask_label": f1[False]}
 
 
 def training_figure(history: pd.DataFrame) -> Figure:
@@ -252,16 +303,19 @@ def cases_figure(cases: pd.DataFrame, arrays: dict, references: list, prediction
     return fig
 
 
-def log_to_run(run_id: str, metrics: dict, cases: pd.DataFrame, figures: dict[str, Figure]) -> None:
-    """Add the test results to the training's MLflow run: every numeric leaf as `test.<dotted.key>`."""
+def log_to_run(run_id: str, metrics: dict, cases: pd.DataFrame, figures: dict[str, Figure],
+               val_metrics: dict | None = None) -> None:
+    """Add the results to the training's MLflow run: every numeric leaf as `test.<dotted.key>` (and the
+    validation split's as `val.<dotted.key>`)."""
     flat = tracking.flatten(metrics)
+    val_flat = {f"val.{k}": v for k, v in tracking.flatten(val_metrics or {}).items() if not isinstance(v, bool)}
     table = pd.DataFrame([{"class": "all", **{k: v for k, v in metrics.items() if not isinstance(v, dict)}},
                           *({"class": name, **values} for name, values in metrics["per_class"].items())])
     # start_run refuses a run outside the active experiment (one set earlier in this process, or by the environment)
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     mlflow.start_run(run_id=run_id)
     try:  # not the context manager: a failure here must not mark the training run FAILED
-        mlflow.log_metrics({f"test.{k}": v for k, v in flat.items() if not isinstance(v, bool)})
+        mlflow.log_metrics({f"test.{k}": v for k, v in flat.items() if not isinstance(v, bool)} | val_flat)
         mlflow.set_tags({f"test.{k}": str(v) for k, v in flat.items() if isinstance(v, bool)})
         log_table(run_id, table, "test_metrics.json")
         log_table(run_id, cases[PER_IMAGE_COLUMNS], "test_per_image.json")

@@ -91,6 +91,11 @@ def save_checkpoint(path: Path, model: nn.Module, params: Params, **extra) -> No
         torch.save(state, tmp)
 
 
+# Parameters added after checkpoints were first written, with the values that reproduce the older behaviour:
+# an older checkpoint still loads.
+ADDED_KEYS = {"train": {"ema": 0.0}, "evaluate": {"flip_tta": "off", "label_from_mask": "off"}}
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Params, dict]:
     """Rebuild the model from a checkpoint folder or file: never unpickles code (weights_only=True)."""
     path = Path(path)
@@ -100,7 +105,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as err:
         raise BusiError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
-    params = Params.model_validate(state["params"], strict=False)
+    stored = {section: ADDED_KEYS.get(section, {}) | values for section, values in state["params"].items()}
+    params = Params.model_validate(stored, strict=False)
     # The checkpoint holds every weight: never fetch pretrained ones just to overwrite them.
     model = build_model(params.model.model_copy(update={"encoder_weights": None}))
     model.load_state_dict(state["model"])

@@ -22,7 +22,7 @@ from busi import CLASSES, BusiError
 from busi.config import Params
 from busi.dataset import read_gray
 from busi.files import atomic_file
-from busi.inference import binarize, predict_arrays, to_original_size
+from busi.inference import binarize, class_labels, predict_arrays, to_original_size
 from busi.model import load_checkpoint
 
 THRESHOLD = 0.5
@@ -31,8 +31,10 @@ GROUND_TRUTH = re.compile(r"_mask(_\d+)?$")  # BUSI's mask files sit beside its 
 TINT = np.array([255, 60, 60], np.float32)  # lesion colour in the overlay (RGB)
 
 
-def predict(inputs: list[Path], model: str, out_dir: Path) -> tuple[int, int]:
-    """Predict every image in `inputs` (files, or folders searched recursively); returns (done, failed)."""
+def predict(inputs: list[Path], model: str, out_dir: Path, flip_tta: bool = False, largest_component: bool = False,
+            label_from_mask: bool = False) -> tuple[int, int]:
+    """Predict every image in `inputs` (files, or folders searched recursively); returns (done, failed).
+    The flags are the evaluate stage's post-processing (the `postprocessing` of its test.json says which)."""
     out_dir = Path(out_dir)
     paths = find_images(inputs, out_dir)
     net, size = load_model(model)
@@ -47,7 +49,7 @@ def predict(inputs: list[Path], model: str, out_dir: Path) -> tuple[int, int]:
                 failed += 1
                 continue
             stem = unique_stem(path.stem, stems)  # a.png and a.jpg, or two folders' 1.png, must not overwrite
-            record = predict_image(net, size, image, out_dir, stem)
+            record = predict_image(net, size, image, out_dir, stem, flip_tta, largest_component, label_from_mask)
             lines.write(json.dumps({"path": str(path), **record}) + "\n")
             done += 1
     return done, failed
@@ -119,17 +121,19 @@ def unique_stem(stem: str, taken: set[str]) -> str:
     return candidate
 
 
-def predict_image(net: nn.Module, size: int, image: np.ndarray, out_dir: Path, stem: str) -> dict:
+def predict_image(net: nn.Module, size: int, image: np.ndarray, out_dir: Path, stem: str, flip_tta: bool = False,
+                  largest_component: bool = False, label_from_mask: bool = False) -> dict:
     """Write the mask and overlay of one grayscale image; return its JSON record (without the path)."""
     height, width = image.shape
     resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
-    probability, class_probs = predict_arrays(net, resized[None])
-    mask = binarize(to_original_size(probability[0], height, width), THRESHOLD, largest_component=False)
+    probability, class_probs = predict_arrays(net, resized[None], flip=flip_tta)
+    mask = binarize(to_original_size(probability[0], height, width), THRESHOLD, largest_component)
     names = {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"}
     save_png(out_dir / names["mask"], mask.astype(np.uint8) * 255)
     save_png(out_dir / names["overlay"], overlay(image, mask))
     probs = {name: float(p) for name, p in zip(CLASSES, class_probs[0], strict=True)}
-    return {"label": max(probs, key=probs.get), "probabilities": probs, "lesion_area_px": int(mask.sum()),
+    label = CLASSES[class_labels(class_probs, np.array([mask.sum()]), label_from_mask)[0]]
+    return {"label": label, "probabilities": probs, "lesion_area_px": int(mask.sum()),
             "height": height, "width": width, **names}
 
 

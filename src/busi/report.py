@@ -87,13 +87,17 @@ def epochs(run: Run, curves: dict[str, dict[int, float]]) -> str:
 
 
 def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished: int, figure: str) -> str:
-    evaluated = sorted((run for run in finished if is_evaluated(run)),
-                       key=lambda run: run.data.metrics.get("test.dice", -math.inf), reverse=True)
+    # Ranked on validation, where choices are made (runs evaluated before val.* metrics existed come last).
+    evaluated = sorted((run for run in finished if is_evaluated(run)), reverse=True,
+                       key=lambda run: (run.data.metrics.get("val.dice", -math.inf),
+                                        run.data.metrics.get("test.dice", -math.inf)))
     not_evaluated = [run for run in finished if not is_evaluated(run)]
-    header = ["run", "encoder", "attention", "weights", "size", "epochs (run / best)", *(t for _, t in COLUMNS)]
+    header = ["run", "encoder", "attention", "weights", "size", "epochs (run / best)", "val Dice", "val F1",
+              *(t for _, t in COLUMNS)]
     rows = [[f"{run.info.run_name} (`{run.info.run_id[:8]}`)", param(run, "model.encoder"),
              param(run, "model.attention"), param(run, "model.encoder_weights"),
              param(run, "preprocess.image_size"), epochs(run, curves[run.info.run_id]),
+             *(plain(run.data.metrics, f"val.{key}") for key in ("dice", "f1_weighted")),
              *(with_interval(run.data.metrics, key) for key, _ in COLUMNS)] for run in evaluated]
     lines = [
         "# BUSI segmentation: our runs beside the study",
@@ -103,7 +107,8 @@ def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished:
         "",
         "## Test split",
         "",
-        "Test metrics as the evaluate stage logged them, best Dice first; 95% bootstrap intervals in brackets.",
+        "Validation Dice and weighted F1 (what runs are chosen on; best validation Dice first), then the test",
+        "metrics as the evaluate stage logged them, with 95% bootstrap intervals in brackets.",
         "",
         *(table(header, rows) if rows else ["No run has test metrics yet: run the evaluate stage."]),
         "",
@@ -132,6 +137,11 @@ def is_evaluated(run: Run) -> bool:
 def param(run: Run, key: str) -> str:
     value = run.data.params.get(key, "?")
     return "none" if value == "None" else value  # a null in params.yaml is logged as "None"
+
+
+def plain(metrics: dict[str, float], key: str) -> str:
+    value = metrics.get(key)
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def with_interval(metrics: dict[str, float], key: str) -> str:

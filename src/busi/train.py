@@ -1,7 +1,8 @@
 """Stage train: the U-Net on the preprocessed arrays, tracked in MLflow, resumable from its last epoch.
 
 Loss: Dice + BCE on the mask (smp's losses) plus weighted cross-entropy on the class. AdamW (the study's L2),
-cosine or reduce-on-plateau schedule, early stopping and best-checkpoint selection on a validation metric.
+cosine or reduce-on-plateau schedule, an optional moving average of the weights (EMA), early stopping and
+best-checkpoint selection on a validation metric.
 """
 
 import csv
@@ -16,6 +17,7 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -41,6 +43,8 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
 
     torch.manual_seed(cfg.seed)
     model = build_model(params.model).to(device, memory_format=torch.channels_last)
+    # The moving average of the weights (BatchNorm statistics included) is what gets validated and saved.
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True) if cfg.ema else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
@@ -59,6 +63,8 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         state = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
         if state["fingerprint"] == fingerprint and not state["finished"]:  # same run, killed mid-way: resume
             model.load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             history, best, run_id, start = state["history"], state["best"], state["run_id"], state["epoch"] + 1
@@ -75,16 +81,20 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             augment.set_random_seed(cfg.seed + epoch)
             drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
             batches = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last)
-            train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, desc=f"epoch {epoch}")
-            val_stats = run_epoch(model, DataLoader(val_data, batch_size=cfg.batch_size), loss_fn, device, amp_dtype)
+            train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, ema, desc=f"epoch {epoch}")
+            val_batches = DataLoader(val_data, batch_size=cfg.batch_size)
+            val_stats = run_epoch(ema.module if ema else model, val_batches, loss_fn, device, amp_dtype)
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
                    "lr": optimizer.param_groups[0]["lr"]}
+            if ema is not None:  # the raw weights too, to show what the average adds
+                raw_stats = run_epoch(model, val_batches, loss_fn, device, amp_dtype)
+                row |= {f"val_raw_{k}": raw_stats[k] for k in ("dice", "iou", "accuracy")}
             history.append(row)
             tracking.log_epoch(row, epoch)
             if best is None or is_better(row[cfg.monitor], best[cfg.monitor], cfg.monitor):
                 best = row
-                save_checkpoint(out_dir / "best.pt", model, params, epoch=epoch)
+                save_checkpoint(out_dir / "best.pt", ema.module if ema else model, params, epoch=epoch)
             if cfg.scheduler == "cosine":
                 scheduler.step()
             else:
@@ -93,7 +103,7 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             finished = stop or epoch == cfg.epochs
             save_checkpoint(out_dir / "last.pt", model, params, epoch=epoch, optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
-                            fingerprint=fingerprint, finished=finished)
+                            fingerprint=fingerprint, finished=finished, **({"ema": ema.state_dict()} if ema else {}))
             print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
                   f"iou {row['train_iou']:.3f}/{row['val_iou']:.3f}  dice {row['val_dice']:.3f}  "
                   f"acc {row['val_accuracy']:.3f}  {row['train_images_per_s']:.1f} img/s", flush=True)
@@ -131,8 +141,9 @@ class SegmentationLoss(nn.Module):
                 + self.class_weight * self.cross_entropy(class_logits, labels))
 
 
-def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, desc=None) -> dict[str, float]:
-    """One pass over `batches`: trains when an optimizer is given, else evaluates. Pooled IoU/Dice over pixels."""
+def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=None, desc=None) -> dict[str, float]:
+    """One pass over `batches`: trains when an optimizer is given (updating `ema` after each step), else
+    evaluates. Pooled IoU/Dice over pixels."""
     model.train(optimizer is not None)
     total_loss, seen, correct, stats = 0.0, 0, 0, torch.zeros(4, dtype=torch.long)
     started = time.perf_counter()
@@ -148,6 +159,8 @@ def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, desc=N
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
             total_loss += loss.item() * len(images)
             seen += len(images)
             correct += (class_logits.argmax(1) == labels).sum().item()
@@ -168,6 +181,15 @@ def iou(stats: torch.Tensor) -> float:
 def dice(stats: torch.Tensor) -> float:
     tp, fp, fn, tn = stats
     return smp.metrics.f1_score(tp, fp, fn, tn, reduction="micro").item()
+
+
+def ema_with_warmup(decay: float):
+    """torch's EMA update with the usual warm-up: the decay grows as (1 + n) / (10 + n) up to `decay`, so that
+    the average of a short run is not dominated by the random initial weights."""
+    def update(averaged, current, num_averaged):
+        n = num_averaged.item()
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, num_averaged)
+    return update
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,50 @@
+"""busi ablate: validation metrics as each post-processing step is added, from a checkpoint, never the test split."""
+
+import numpy as np
+import pytest
+import torch
+
+from busi.ablation import STEPS, ablate, markdown
+from busi.cli import main
+from busi.config import load_params
+from busi.model import build_model, save_checkpoint
+from conftest import REPO, SIZE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    params = params.model_copy(update={
+        "model": params.model.model_copy(update={"encoder": "resnet18"}),
+        "preprocess": params.preprocess.model_copy(update={"image_size": SIZE}),
+    })
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "models/best.pt", build_model(params.model), params, epoch=3)
+    return tmp_path / "models"
+
+
+def test_one_row_per_step_on_the_validation_split(processed, checkpoint, tmp_path, monkeypatch):
+    read = []
+    monkeypatch.setattr("busi.ablation.load_split", lambda d, name: read.append(name) or np.load(d / f"{name}.npz"))
+    table = ablate([checkpoint], processed, processed.parent / "masks", 0.5)
+    assert read == ["val"]  # never the test split
+    assert list(table["post-processing"]) == [step[0] for step in STEPS]
+    assert table["model"].str.endswith("(epoch 3)").all()
+    numbers = table[["dice_per_image", "f1_weighted", "accuracy"]].to_numpy(float)
+    assert ((numbers >= 0) & (numbers <= 1)).all()
+    text = markdown(table)
+    assert text.splitlines()[0].startswith("| model | post-processing | dice |") and len(text.splitlines()) == 6
+
+
+def test_a_checkpoint_of_another_size_is_one_error(processed, checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    val = dict(np.load(processed / "val.npz"))
+    val["images"] = np.zeros((len(val["images"]), 32, 32), np.uint8)
+    np.savez(other / "val.npz", **val)
+    assert main(["ablate", str(checkpoint), "--data", str(other), "--masks", str(processed.parent / "masks")]) == 1
+    assert f"trained at {SIZE} px, but {other} holds 32 px images" in capsys.readouterr().err
