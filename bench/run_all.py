@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import data_stages  # noqa: E402
 import train_speed  # noqa: E402
 
-from busi.config import load_params  # noqa: E402
-from busi.inference import predict_arrays  # noqa: E402
-from busi.model import build_model  # noqa: E402
+from busi.config import NetworkConfig, load_params  # noqa: E402
+from busi.model.network import build_model  # noqa: E402
+from busi.model.predictor import Predictor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODERS = ["vgg16", "vgg19", "resnet50", "dpn68"]
@@ -35,14 +35,15 @@ ENCODERS = ["vgg16", "vgg19", "resnet50", "dpn68"]
 
 def inference_latency(encoder: str, size: int = 224, repeats: int = 5) -> float:
     """Median seconds to predict one image (after a warm-up call)."""
-    model = build_model(load_params(REPO / "params.yaml").model.model_copy(update={"encoder": encoder}))
-    model = model.to(memory_format=torch.channels_last).eval()
+    params = load_params(REPO / "params.yaml").model.model_copy(update={"encoder": encoder})
+    model = build_model(params).to(memory_format=torch.channels_last).eval()
+    predictor = Predictor([model], [NetworkConfig(model=params, image_size=size)])
     image = np.random.default_rng(0).integers(0, 256, (1, size, size), dtype=np.uint8)
-    predict_arrays(model, image)
+    predictor.probabilities(image)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        predict_arrays(model, image)
+        predictor.probabilities(image)
         times.append(time.perf_counter() - started)
     return float(np.median(times))
 

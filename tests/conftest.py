@@ -6,9 +6,9 @@ import mlflow
 import pytest
 
 from busi.config import load_params
-from busi.masks import merge_masks
-from busi.preprocess import preprocess
-from busi.split import split
+from busi.stages.merge_masks import merge_masks
+from busi.stages.preprocess import preprocess
+from busi.stages.split import split
 from synthetic import make_busi, zip_folder
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from busi.ablation import STEPS, ablate, markdown
 from busi.cli import main
-from busi.config import load_params
-from busi.model import build_model, save_checkpoint
+from busi.commands.ablate import STEPS, ablate, markdown
+from busi.config import NetworkConfig, load_params
+from busi.model.checkpoint import save_checkpoint
+from busi.model.network import build_model
 from conftest import REPO, SIZE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,27 +16,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    params = load_params(REPO / "params.yaml")
-    params = params.model_copy(update={
-        "model": params.model.model_copy(update={"encoder": "resnet18"}),
-        "preprocess": params.preprocess.model_copy(update={"image_size": SIZE}),
-    })
+    model = load_params(REPO / "params.yaml").model.model_copy(update={"encoder": "resnet18"})
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "models/best.pt", build_model(params.model), params, epoch=3)
+    save_checkpoint(tmp_path / "models/best.pt", build_model(model), NetworkConfig(model=model, image_size=SIZE),
+                    epoch=3)
     return tmp_path / "models"
 
 
 def test_one_row_per_step_on_the_validation_split(processed, checkpoint, tmp_path, monkeypatch):
     read = []
-    monkeypatch.setattr("busi.ablation.load_split", lambda d, name: read.append(name) or np.load(d / f"{name}.npz"))
+    monkeypatch.setattr("busi.commands.ablate.load_split",
+                        lambda d, name: read.append(name) or dict(np.load(d / f"{name}.npz")))
     table = ablate([checkpoint], processed, processed.parent / "masks", 0.5)
     assert read == ["val"]  # never the test split
     assert list(table["post-processing"]) == [step[0] for step in STEPS]
     assert table["model"].str.endswith("(epoch 3)").all()
-    numbers = table[["dice_per_image", "f1_weighted", "accuracy"]].to_numpy(float)
+    numbers = table[["per-image Dice", "weighted F1", "accuracy"]].to_numpy(float)
     assert ((numbers >= 0) & (numbers <= 1)).all()
     text = markdown(table)
-    assert text.splitlines()[0].startswith("| model | post-processing | dice |") and len(text.splitlines()) == 6
+    assert text.splitlines()[0].startswith("| model | post-processing | IoU | Dice |") and len(text.splitlines()) == 6
 
 
 def test_a_checkpoint_of_another_size_is_one_error(processed, checkpoint, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from busi.duplicates import CopyPair, copy_groups, find_copy_pairs
+from busi.data.copies import CopyPair, copy_groups, find_copy_pairs
 
 BUSI_ZIP = Path(__file__).resolve().parents[2] / "shared/data/busi" / "Dataset_BUSI_with_GT.zip"
 

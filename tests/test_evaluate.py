@@ -3,6 +3,8 @@ back to the original size, and the whole stage on a tiny trained model with a re
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -12,27 +14,26 @@ import pandas as pd
 import pytest
 import torch
 
-from busi import CLASSES, BusiError
+from busi import CLASSES, BusiError, tracking
 from busi.cli import main
-from busi.config import EvaluateParams
-from busi.evaluate import (
-    CI_METRICS,
+from busi.config import EvaluateParams, NetworkConfig
+from busi.data.arrays import read_references
+from busi.data.busi_layout import find_root, scan
+from busi.evaluation.figures import cases_figure
+from busi.evaluation.metrics import (
+    METRICS,
     bootstrap_ci,
-    cases_figure,
-    choose_flip_tta,
-    choose_label_from_mask,
-    choose_largest_component,
     classification_metrics,
-    evaluate,
-    log_to_run,
     per_class_metrics,
-    score,
     segmentation_metrics,
 )
-from busi.inference import class_labels, predict_arrays
-from busi.train import train
-from conftest import tiny_params
+from busi.evaluation.postprocessing import PostProcessing, decide, score
+from busi.model.predictor import Predictor
+from busi.stages.evaluate import evaluate
+from busi.stages.train import train
+from conftest import run_env, tiny_params
 
+CI_METRICS = [metric.key for metric in METRICS if metric.interval]
 SIDE = 20  # hand-made images are SIDE x SIDE, predicted at that size too: no resizing in between
 
 
@@ -59,9 +60,17 @@ def make_split(tmp_path, references, labels, images_size: int = SIDE):
 
 
 def score_masks(tmp_path, references, predictions, labels, largest_component=False):
+    """The per-image cases of probability maps under the post-processing (uniform class probabilities)."""
     arrays, masks_dir = make_split(tmp_path, references, labels)
     probabilities = np.stack(predictions).astype(np.float32)
-    return score(probabilities, arrays, masks_dir, 0.5, largest_component)[0]
+    uniform = np.full((len(labels), len(CLASSES)), 1 / 3)
+    return score(PostProcessing(largest_component=largest_component), probabilities, uniform, arrays,
+                 read_references(masks_dir, arrays))[1]
+
+
+def head_says(probabilities):
+    """probabilities_of for decide: the same maps and class probabilities with or without flip."""
+    return lambda flip: probabilities
 
 
 def params(**changes) -> EvaluateParams:
@@ -139,20 +148,23 @@ def test_largest_component_drops_the_smaller_blob(tmp_path):
 
 
 def test_auto_keeps_the_largest_component_only_where_it_helps_on_validation(tmp_path):
-    helps = make_split(tmp_path / "a", [square(2, 2, side=6)], ["benign"])
-    helps_probabilities = np.stack([square(2, 2, side=6) | square(15, 15, side=2)]).astype(np.float32)
-    decision = choose_largest_component(helps_probabilities, *helps, params())
-    assert decision == {"largest_component": True, "val_dice_with": 1.0, "val_dice_without": pytest.approx(72 / 76)}
-    assert choose_largest_component(helps_probabilities, *helps, params(largest_component="off"))[
-        "largest_component"] is False
+    fixed = {"flip_tta": "off", "label_from_mask": "off"}
+    arrays, masks_dir = make_split(tmp_path / "a", [square(2, 2, side=6)], ["benign"])
+    helps = head_says((np.stack([square(2, 2, side=6) | square(15, 15, side=2)]).astype(np.float32),
+                       np.array([[0.6, 0.3, 0.1]])))
+    references = read_references(masks_dir, arrays)
+    chosen, record = decide(helps, arrays, references, params(**fixed))
+    assert chosen.largest_component is True
+    assert record == {"val_dice_with": 1.0, "val_dice_without": pytest.approx(72 / 76)}
+    assert decide(helps, arrays, references, params(**fixed, largest_component="off"))[0].largest_component is False
 
     two_lesions = square(2, 2, side=6) | square(14, 14, side=4)
-    hurts = make_split(tmp_path / "b", [two_lesions], ["malignant"])
-    hurts_probabilities = np.stack([two_lesions]).astype(np.float32)
-    decision = choose_largest_component(hurts_probabilities, *hurts, params())
-    assert decision["largest_component"] is False and decision["val_dice_with"] < decision["val_dice_without"] == 1
-    assert choose_largest_component(hurts_probabilities, *hurts, params(largest_component="on"))[
-        "largest_component"] is True
+    arrays, masks_dir = make_split(tmp_path / "b", [two_lesions], ["malignant"])
+    hurts = head_says((np.stack([two_lesions]).astype(np.float32), np.array([[0.3, 0.6, 0.1]])))
+    references = read_references(masks_dir, arrays)
+    chosen, record = decide(hurts, arrays, references, params(**fixed))
+    assert chosen.largest_component is False and record["val_dice_with"] < record["val_dice_without"] == 1
+    assert decide(hurts, arrays, references, params(**fixed, largest_component="on"))[0].largest_component is True
 
 
 def test_predictions_are_scored_at_the_original_size(tmp_path):
@@ -162,17 +174,18 @@ def test_predictions_are_scored_at_the_original_size(tmp_path):
     arrays, masks_dir = make_split(tmp_path, [reference], ["benign"], images_size=64)
     probability = np.full((1, 64, 64), 0.1, np.float32)
     probability[:, :, :32] = 0.9  # left half, at 64 px
-    case = score(probability, arrays, masks_dir, 0.5, False)[0].iloc[0]
+    uniform = np.full((1, 3), 1 / 3)
+    case = score(PostProcessing(), probability, uniform, arrays, read_references(masks_dir, arrays))[1].iloc[0]
     assert case.tp + case.fp + case.fn + case.tn == height * width
     assert case.lesion_area_px == height * width // 2
     assert case.dice > 0.99
 
     cv2.imwrite(str(masks_dir / "benign (0).png"), np.zeros((64, 64), np.uint8))
     with pytest.raises(BusiError, match=r"benign \(0\)\.png: mask is 64x64, the image was 190x310"):
-        score(probability, arrays, masks_dir, 0.5, False)
+        read_references(masks_dir, arrays)
     (masks_dir / "benign (0).png").unlink()
     with pytest.raises(BusiError, match=r"benign \(0\)\.png: reference mask missing"):
-        score(probability, arrays, masks_dir, 0.5, False)
+        read_references(masks_dir, arrays)
 
 
 def test_bootstrap_interval_holds_the_estimate_and_is_seeded(tmp_path):
@@ -196,7 +209,9 @@ def test_contour_figure_shows_the_best_and_worst_case_per_class(tmp_path):
     predictions = [square(2, 4), square(2, 2), square(12, 12), square(15, 15, side=3), square(15, 15, side=1)]
     labels = ["benign", "benign", "benign", "normal", "normal"]
     arrays, masks_dir = make_split(tmp_path, references, labels)
-    cases, refs, preds = score(np.stack(predictions).astype(np.float32), arrays, masks_dir, 0.5, False)
+    refs = read_references(masks_dir, arrays)
+    _, cases, preds = score(PostProcessing(), np.stack(predictions).astype(np.float32), np.full((5, 3), 1 / 3),
+                            arrays, refs)
     figure = cases_figure(cases, arrays, refs, preds, count=1)
     titles = [[ax.get_title().split("\n")[0] for ax in figure.axes[row * 2 : row * 2 + 2]] for row in range(3)]
     assert titles == [["benign (1)", "benign (2)"], ["", ""], ["normal (4)", "normal (3)"]]
@@ -212,7 +227,8 @@ def store(tmp_path, monkeypatch):
     return mlflow.MlflowClient(uri)
 
 
-def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store, monkeypatch, capsys):  # noqa: F811
+def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_source, tmp_path, store, monkeypatch,
+                                                     capsys):
     run_params = tiny_params(epochs=1)
     run_params = run_params.model_copy(update={"evaluate": params(bootstrap=50)})
     (tmp_path / "params.yaml").write_text(json.dumps(run_params.model_dump(mode="json")))
@@ -220,17 +236,19 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
     masks_dir = processed.parent / "masks"
     chosen_on = []  # the split post-processing is chosen on
 
-    def spy(probabilities, arrays, *args):
+    def spy(probabilities_of, arrays, *args):
         chosen_on.append(list(arrays["ids"]))
-        return choose_largest_component(probabilities, arrays, *args)
+        return decide(probabilities_of, arrays, *args)
 
-    monkeypatch.setattr("busi.evaluate.choose_largest_component", spy)
+    monkeypatch.setattr("busi.evaluation.postprocessing.decide", spy)
     args = ["--data", str(processed), "--masks", str(masks_dir), "--model", str(tmp_path / "models"),
             "--train-metrics", str(tmp_path / "train.json"), "--history", str(tmp_path / "history.csv"),
             "--out", str(tmp_path / "test.json"), "--val-out", str(tmp_path / "val.json"),
-            "--plots", str(tmp_path / "plots"), "--figures", str(tmp_path / "figures")]
+            "--plots", str(tmp_path / "plots"), "--figures", str(tmp_path / "figures"),
+            "--predictor", str(tmp_path / "predictor")]
     assert main(["--params", str(tmp_path / "params.yaml"), "evaluate", *args]) == 0
-    assert "evaluate: test dice" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "evaluate: test dice" in out and "chosen on validation: threshold 0.5, flip TTA" in out
 
     val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
     assert chosen_on == [list(val["ids"])]
@@ -241,13 +259,20 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
     assert metrics["images"] == len(test["ids"]) == sum(sum(row.values()) for row in metrics["confusion"].values())
     assert set(metrics["per_class"]) == set(CLASSES) and "dice" in metrics["per_class"]["malignant"]
     assert set(metrics["ci95"]) == set(CI_METRICS) and set(metrics["ci95"]["dice"]) == {"low", "high"}
-    assert set(metrics["postprocessing"]) == {"flip_tta", "val_score_with_flip", "val_score_without_flip",
+    assert set(metrics["postprocessing"]) == {"threshold", "flip_tta", "val_score_with_flip", "val_score_without_flip",
                                               "largest_component", "val_dice_with", "val_dice_without",
                                               "label_from_mask", "val_f1_with_mask_label",
                                               "val_f1_without_mask_label"}
     val_metrics = json.loads((tmp_path / "val.json").read_text())  # what runs are compared on
     assert val_metrics["images"] == len(val["ids"]) and set(val_metrics["per_class"]) == set(CLASSES)
     assert {"dice", "iou", "dice_per_image", "f1_weighted", "accuracy"} <= set(val_metrics)
+
+    # The predictor carries the network and what was chosen on validation.
+    manifest = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
+    assert manifest["postprocessing"] == {key: metrics["postprocessing"][key]
+                                          for key in ("threshold", "flip_tta", "largest_component", "label_from_mask")}
+    assert manifest["image_size"] == 64 and manifest["networks"][0]["model"]["encoder"] == "resnet18"
+    assert manifest["provenance"]["mlflow_run_id"] == summary["run_id"]
 
     per_image = pd.read_csv(tmp_path / "plots/per_image.csv")
     assert list(per_image.columns) == ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px",
@@ -262,6 +287,17 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
     for name in ["figure1_loss_iou.png", "figure2_contours.png"]:
         assert cv2.imread(str(tmp_path / "figures" / name)) is not None, name
 
+    # One model, one answer: predict with no flags on the test images' files gives evaluate's masks and labels.
+    paths = {case.image_id: case.image for case in scan(find_root(synthetic_source))}
+    result = subprocess.run([sys.executable, "-m", "busi", "predict", *(str(paths[i]) for i in per_image.image_id),
+                             "--out", str(tmp_path / "predicted")], cwd=tmp_path, env=run_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "predict: threshold 0.5, flip TTA" in result.stderr and "(from predictor)" in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "predicted" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == list(per_image.predicted_label)
+    assert [r["lesion_area_px"] for r in records] == list(per_image.predicted_area_px)
+
     run = store.get_run(summary["run_id"])  # the training's own run
     assert run.data.metrics["test.dice"] == pytest.approx(metrics["dice"])
     assert run.data.metrics["test.ci95.dice.low"] == pytest.approx(metrics["ci95"]["dice"]["low"])
@@ -269,6 +305,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
     assert "val_dice" in run.data.metrics and run.info.status == "FINISHED"
     artifacts = {artifact.path for artifact in store.list_artifacts(run.info.run_id)}
     assert {"test_metrics.json", "test_per_image.json", "figure1_loss_iou.png", "figure2_contours.png"} <= artifacts
+    assert run.data.tags["busi.model_uri"].startswith("models:/")
 
     def classes_in_table(download_to):
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="test_metrics.json",
@@ -277,28 +314,31 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, tmp_path, store
         return [row[table["columns"].index("class")] for row in table["data"]]
 
     assert classes_in_table(tmp_path / "download") == ["all", *CLASSES]
-    log_to_run(run.info.run_id, metrics, per_image, {})  # evaluated again: the tables are replaced, not appended to
+    mlflow.start_run(run_id=run.info.run_id)  # evaluated again: the tables are replaced, not appended to
+    tracking.log_table(run.info.run_id, pd.DataFrame([{"class": "all"}, *({"class": c} for c in CLASSES)]),
+                       "test_metrics.json")
+    mlflow.end_run()
     assert classes_in_table(tmp_path / "again") == ["all", *CLASSES]
 
-    # Errors: one line naming the file.
-    evaluate_params = run_params.evaluate
+    # Errors: one line naming the file; nothing written.
+    outputs = (run_params.evaluate, tmp_path / "t.json", tmp_path / "p", tmp_path / "f", tmp_path / "v.json",
+               tmp_path / "pred")
     partial = tmp_path / "partial"
     shutil.copytree(processed, partial)
     (partial / "test.npz").unlink()
     with pytest.raises(BusiError, match="test.npz"):
-        evaluate(partial, masks_dir, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv",
-                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
+        evaluate(partial, masks_dir, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv", *outputs)
     with pytest.raises(BusiError, match="nowhere: model folder not found"):
         evaluate(processed, masks_dir, tmp_path / "nowhere", tmp_path / "train.json", tmp_path / "history.csv",
-                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
+                 *outputs)
     with pytest.raises(BusiError, match="missing.json: no training run id"):
         evaluate(processed, masks_dir, tmp_path / "models", tmp_path / "missing.json", tmp_path / "history.csv",
-                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
+                 *outputs)
     (tmp_path / "other.json").write_text(json.dumps({"run_id": "0" * 32}))
     with pytest.raises(BusiError, match=f"other.json: MLflow run {'0' * 32} is not in the tracking store"):
         evaluate(processed, masks_dir, tmp_path / "models", tmp_path / "other.json", tmp_path / "history.csv",
-                 evaluate_params, tmp_path / "t.json", tmp_path / "p", tmp_path / "f")
-    assert not (tmp_path / "t.json").exists()
+                 *outputs)
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "pred").exists()
 
 
 class LeftHalf(torch.nn.Module):
@@ -315,47 +355,66 @@ class LeftHalf(torch.nn.Module):
         return (left * 20 - 1) * self.weight, class_logits
 
 
+def left_half_predictor(networks: int = 1) -> Predictor:
+    config = NetworkConfig.model_validate({"model": tiny_params().model.model_dump(), "image_size": 32})
+    return Predictor([LeftHalf() for _ in range(networks)], [config] * networks)
+
+
 def test_flip_tta_averages_with_the_mirrored_prediction():
     images = np.zeros((1, 8, 8), np.uint8)
     images[0, :, :4] = 255  # bright on the left
-    plain, plain_classes = predict_arrays(LeftHalf(), images)
-    averaged, averaged_classes = predict_arrays(LeftHalf(), images, flip=True)
-    mirrored, mirrored_classes = predict_arrays(LeftHalf(), images[:, :, ::-1].copy())
+    predictor = left_half_predictor()
+    plain, plain_classes = predictor.probabilities(images, flip=False)
+    averaged, averaged_classes = predictor.probabilities(images, flip=True)
+    mirrored, mirrored_classes = predictor.probabilities(images[:, :, ::-1].copy(), flip=False)
     np.testing.assert_allclose(averaged, (plain + mirrored[:, :, ::-1]) / 2, atol=1e-6)
     np.testing.assert_allclose(averaged_classes, (plain_classes + mirrored_classes) / 2, atol=1e-6)
     assert not np.allclose(averaged, plain)
+    # An ensemble of identical networks averages to the same probabilities.
+    ensemble, ensemble_classes = left_half_predictor(networks=3).probabilities(images, flip=True)
+    np.testing.assert_allclose(ensemble, averaged, atol=1e-6)
+    np.testing.assert_allclose(ensemble_classes, averaged_classes, atol=1e-6)
 
 
 def test_flip_tta_is_forced_or_decided_on_validation(tmp_path):
     val, masks_dir = make_split(tmp_path, [square(0, 0, side=8, size=(8, 8))] * 2, ["benign", "malignant"],
                                 images_size=8)
     val["images"][:] = 255
-    assert choose_flip_tta(LeftHalf(), val, masks_dir, params(flip_tta="on")) == {"flip_tta": True}
-    assert choose_flip_tta(LeftHalf(), val, masks_dir, params(flip_tta="off")) == {"flip_tta": False}
-    decision = choose_flip_tta(LeftHalf(), val, masks_dir, params())
+    references = read_references(masks_dir, val)
+    predictor = left_half_predictor()
+
+    def probabilities_of(flip):
+        return predictor.probabilities(val["images"], flip=flip)
+
+    fixed = {"largest_component": "off", "label_from_mask": "off"}
+    assert decide(probabilities_of, val, references, params(flip_tta="on", **fixed))[0] == PostProcessing(flip_tta=True)
+    assert decide(probabilities_of, val, references, params(flip_tta="off", **fixed))[0].flip_tta is False
+    chosen, record = decide(probabilities_of, val, references, params(**fixed))
     # The lesion fills the image: the plain prediction finds its left half, the average all of it.
-    assert decision["flip_tta"] is True and decision["val_score_with_flip"] > decision["val_score_without_flip"]
+    assert chosen.flip_tta is True and record["val_score_with_flip"] > record["val_score_without_flip"]
 
 
 def test_labels_from_the_mask_follow_the_predicted_lesion():
     probabilities = np.array([[0.2, 0.1, 0.7], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])  # benign, malignant, normal
     area = np.array([40, 0, 0])
-    assert list(class_labels(probabilities, area, from_mask=False)) == [2, 0, 2]  # the head's choice
-    assert list(class_labels(probabilities, area, from_mask=True)) == [0, 2, 2]  # a lesion: benign; none: normal
+    assert list(PostProcessing(label_from_mask=False).labels(probabilities, area)) == [2, 0, 2]  # the head's
+    assert list(PostProcessing(label_from_mask=True).labels(probabilities, area)) == [0, 2, 2]  # lesion: benign
 
 
 def test_label_from_mask_is_forced_or_decided_on_validation(tmp_path):
     # The head calls every image benign; the masks find the lesion images and leave the normal one empty.
     references = [square(2, 2), square(8, 8), EMPTY]
     val, masks_dir = make_split(tmp_path, references, ["benign", "malignant", "normal"])
+    references = read_references(masks_dir, val)
     probabilities = np.stack(references).astype(np.float32)
     head = np.array([[0.5, 0.4, 0.1], [0.4, 0.35, 0.25], [0.6, 0.1, 0.3]], np.float32)
-    decision = choose_label_from_mask(probabilities, head, val, masks_dir, params(), largest_component=False)
-    assert decision["label_from_mask"] is True
-    assert decision["val_f1_with_mask_label"] > decision["val_f1_without_mask_label"]
-    off = choose_label_from_mask(probabilities, head, val, masks_dir, params(label_from_mask="off"), False)
-    assert off == {"label_from_mask": False}
+    fixed = {"flip_tta": "off", "largest_component": "off"}
+    chosen, record = decide(head_says((probabilities, head)), val, references, params(**fixed))
+    assert chosen.label_from_mask is True
+    assert record["val_f1_with_mask_label"] > record["val_f1_without_mask_label"]
+    off, record = decide(head_says((probabilities, head)), val, references, params(**fixed, label_from_mask="off"))
+    assert off.label_from_mask is False and "val_f1_with_mask_label" not in record
     # Where the head is right and the masks miss the lesions, auto keeps the head.
     right = np.eye(3, dtype=np.float32)
     missed = np.zeros_like(probabilities)
-    assert choose_label_from_mask(missed, right, val, masks_dir, params(), False)["label_from_mask"] is False
+    assert decide(head_says((missed, right)), val, references, params(**fixed))[0].label_from_mask is False

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from busi import BusiError
-from busi.fetch import fetch
+from busi.stages.fetch import fetch
 from conftest import run_env
 from synthetic import COUNTS, zip_folder
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from busi import BusiError
-from busi.gate import TOLERANCES, check_metrics
+from busi.commands.check_metrics import TOLERANCES, check_metrics
 from conftest import REPO, run_env
 
 BASELINE = {"dice": 0.70, "iou": 0.55, "pixel_accuracy": 0.96, "dice_per_image": 0.60, "f1_weighted": 0.74,

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from busi import BusiError
-from busi.dataset import read_mask
-from busi.masks import merge_masks
+from busi.data.busi_layout import read_mask
+from busi.stages.merge_masks import merge_masks
 from synthetic import COUNTS
 
 

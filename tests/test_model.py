@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from busi import BusiError
-from busi.config import load_params
-from busi.model import build_model, load_checkpoint, save_checkpoint
+from busi.config import NetworkConfig, load_params
+from busi.model.checkpoint import load_checkpoint, save_checkpoint
+from busi.model.network import build_model
 from conftest import REPO
 
 PARAMS = load_params(REPO / "params.yaml")
+NETWORK = NetworkConfig(model=PARAMS.model, image_size=PARAMS.preprocess.image_size)
 
 
 def model_params(**changes):
@@ -53,23 +55,36 @@ def test_imagenet_weights_fail_fast_offline(monkeypatch):
 
 
 def test_checkpoint_round_trip_and_refuses_non_checkpoints(tmp_path):
+    """A checkpoint holds the network's configuration (model section + image size), not the params file."""
     model = build_model(model_params())
-    save_checkpoint(tmp_path / "best.pt", model, PARAMS, epoch=7)
-    loaded, params, state = load_checkpoint(tmp_path)
-    assert params == PARAMS and state["epoch"] == 7
+    save_checkpoint(tmp_path / "best.pt", model, NETWORK, epoch=7)
+    loaded, config, state = load_checkpoint(tmp_path)
+    assert config.model == PARAMS.model and config.image_size == PARAMS.preprocess.image_size
+    assert state["epoch"] == 7 and "params" not in state
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
                                                   strict=True))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(BusiError, match="bad.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BusiError, match="notes.txt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "notes.txt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")  # a bare state dict: which network does it fit?
+    with pytest.raises(BusiError, match="bare.pt: not a busi checkpoint"):
+        load_checkpoint(tmp_path / "bare.pt")
+    other = NETWORK.model_copy(update={"model": model_params(encoder="resnet34")})
+    torch.save({"model": model.state_dict(), "config": other.model_dump(mode="json")}, tmp_path / "wrong.pt")
+    with pytest.raises(BusiError, match="wrong.pt: the weights do not fit the resnet34 U-Net"):
+        load_checkpoint(tmp_path / "wrong.pt")
 
 
-def test_a_checkpoint_older_than_a_parameter_still_loads(tmp_path):
-    """Checkpoints written before train.ema and the evaluate post-processing options existed."""
+def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path):
+    """Checkpoints written before NetworkConfig kept the whole params file (and some lacked later keys)."""
     model = build_model(model_params())
-    save_checkpoint(tmp_path / "best.pt", model, PARAMS, epoch=1)
-    state = torch.load(tmp_path / "best.pt", weights_only=True)
-    del state["params"]["train"]["ema"], state["params"]["evaluate"]["label_from_mask"]
-    torch.save(state, tmp_path / "best.pt")
-    _, params, _ = load_checkpoint(tmp_path)
-    assert params.train.ema == 0.0 and params.evaluate.label_from_mask == "off"  # the older behaviour
+    params = PARAMS.model_dump(mode="json")
+    del params["train"]["ema"], params["evaluate"]["label_from_mask"]
+    torch.save({"model": model.state_dict(), "params": params, "epoch": 3}, tmp_path / "best.pt")
+    loaded, config, state = load_checkpoint(tmp_path)
+    assert config == NETWORK and state["epoch"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
+                                                  strict=True))

@@ -1,4 +1,5 @@
-"""busi.predict with a tiny untrained U-Net: every image mode and size, broken inputs, MLflow model URIs."""
+"""busi predict with a tiny untrained U-Net: every image mode and size, broken inputs, MLflow model URIs, and the
+predictor's post-processing applied without flags."""
 
 import json
 import subprocess
@@ -13,9 +14,13 @@ import torch
 from PIL import Image
 
 from busi import CLASSES, BusiError, tracking
-from busi.config import load_params
-from busi.model import build_model, load_checkpoint, save_checkpoint
-from busi.predict import predict, read_image
+from busi.commands.predict import predict, read_image
+from busi.config import NetworkConfig, load_params
+from busi.evaluation.postprocessing import PostProcessing
+from busi.model import serving
+from busi.model.checkpoint import load_checkpoint, save_checkpoint
+from busi.model.network import build_model
+from busi.model.predictor import Predictor
 from conftest import REPO, run_env
 from synthetic import speckle
 
@@ -25,18 +30,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    params = load_params(REPO / "params.yaml")
-    params = params.model_copy(update={
-        "model": params.model.model_copy(update={"encoder": "resnet18", "encoder_weights": None}),
-        "preprocess": params.preprocess.model_copy(update={"image_size": SIZE}),
-    })
+    params = load_params(REPO / "params.yaml").model.model_copy(update={"encoder": "resnet18"})
     torch.manual_seed(0)
-    model = build_model(params.model)
+    model = build_model(params)
     with torch.no_grad():  # untrained, its median lesion probability is about 0.4: lift it so masks are not empty
         model.segmentation_head[0].bias += 0.5
     path = tmp_path_factory.mktemp("model") / "best.pt"
-    save_checkpoint(path, model, params, epoch=1)
+    save_checkpoint(path, model, NetworkConfig(model=params, image_size=SIZE), epoch=1)
     return path
+
+
+@pytest.fixture(scope="module")
+def predictor_dir(checkpoint, tmp_path_factory) -> Path:
+    """The checkpoint with post-processing chosen (as the evaluate stage writes it)."""
+    folder = tmp_path_factory.mktemp("predictor") / "predictor"
+    Predictor.from_checkpoints([checkpoint], PostProcessing(threshold=0.6, flip_tta=True, largest_component=True,
+                                                            label_from_mask=True)).save(folder)
+    return folder
 
 
 def gray(seed: int, height: int, width: int) -> np.ndarray:
@@ -69,7 +79,7 @@ def predicted(images, checkpoint, tmp_path_factory):
 
 
 def test_every_mode_and_size_gets_a_mask_overlay_and_json_line(predicted, images):
-    (done, failed), records, out = predicted
+    (done, failed, _), records, out = predicted
     expected = ["l_small.png", "sub/l_small.png", "sub/large.jpg", "sub/wide.png", "twin_16bit.png",
                 "twin_rgb.png", "twin_rgba.png"]
     assert (done, failed) == (len(expected), 0)
@@ -139,14 +149,15 @@ def test_broken_files_are_reported_and_the_others_done(images, checkpoint, proje
     errors = result.stderr.splitlines()
     for name in ("corrupt.png", "fake.jpg", "notes.txt", "missing.png", "empty:"):
         assert sum(name in line for line in errors) == 1, result.stderr
-    assert len(errors) == 6 and "error: 5 of 6 inputs failed" in errors[-1]
+    assert errors[0].startswith("predict: threshold 0.5")  # what it applied: a checkpoint has only defaults
+    assert len(errors) == 7 and "error: 5 of 6 inputs failed" in errors[-1]
     lines = (project / "out" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(line)["path"] for line in lines] == ["in/ok.png"]
     assert np.asarray(Image.open(project / "out" / "ok_mask.png")).shape == (70, 80)
 
 
 def test_an_unknown_model_is_one_error(tmp_path, images):
-    with pytest.raises(BusiError, match="no such checkpoint"):
+    with pytest.raises(BusiError, match="no such predictor or checkpoint"):
         predict([images], str(tmp_path / "nothing"), tmp_path / "out")
 
 
@@ -161,16 +172,19 @@ def store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def test_mlflow_model_uris_load_the_logged_checkpoint(store, checkpoint, images, predicted, tmp_path):
-    _, from_checkpoint, _ = predicted
-    run_id = tracking.start_run(load_checkpoint(checkpoint)[1])
-    model_uri = tracking.log_model(checkpoint)
+def test_mlflow_model_uris_load_the_logged_predictor(store, predictor_dir, images, tmp_path):
+    predict([images / "l_small.png"], str(predictor_dir), tmp_path / "folder")
+    expected = json.loads((tmp_path / "folder" / "predictions.jsonl").read_text())
+    run_id = tracking.start_run(load_params(REPO / "params.yaml"))
+    model_uri = tracking.log_model(predictor_dir, serving)
     tracking.end_run()
     for uri in (model_uri, f"runs:/{run_id}/model"):
         out = tmp_path / uri.split(":")[0]
-        assert predict([images / "l_small.png"], uri, out) == (1, 0)
+        done, failed, applied = predict([images / "l_small.png"], uri, out)
+        assert (done, failed) == (1, 0) and "flip TTA on, largest component on" in applied
         record = json.loads((out / "predictions.jsonl").read_text())
-        assert record["probabilities"] == pytest.approx(from_checkpoint["l_small.png"]["probabilities"], abs=1e-6)
+        assert record["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+        assert record["lesion_area_px"] == expected["lesion_area_px"] and record["label"] == expected["label"]
     with pytest.raises(BusiError, match="models:/nope/1: cannot load"):
         predict([images], "models:/nope/1", tmp_path / "out")
 
@@ -192,3 +206,37 @@ def test_flip_tta_and_largest_component_as_in_evaluation(images, checkpoint, tmp
     mask = (np.asarray(Image.open(tmp_path / record["mask"])) > 0).astype(np.uint8)
     assert mask.any() and cv2.connectedComponents(mask)[0] == 2  # background + one region
     assert record["label"] == ("benign" if expected[0] > expected[1] else "malignant")  # a lesion: not normal
+
+
+def test_the_predictor_post_processing_applies_without_flags_and_flags_override(predictor_dir, images, tmp_path):
+    """No flags: the predictor's threshold, flip TTA, largest component and labels from the mask, said on stderr;
+    a flag replaces one step; the overlay carries the label and class probabilities."""
+    def run(*flags):
+        out = tmp_path / f"out{len(flags)}"
+        command = [sys.executable, "-m", "busi", "predict", str(images / "sub" / "wide.png"), "--model",
+                   str(predictor_dir), "--out", str(out), *flags]
+        result = subprocess.run(command, env=run_env(), capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads((out / "predictions.jsonl").read_text()), result.stderr, out
+
+    record, said, out = run()
+    assert "predict: threshold 0.6, flip TTA on, largest component on, label from mask on (from" in said
+    mask = (np.asarray(Image.open(out / record["mask"])) > 0).astype(np.uint8)
+    assert mask.any() and cv2.connectedComponents(mask)[0] == 2  # background + one region
+    assert record["label"] in ("benign", "malignant")  # a lesion: not normal
+    overlay = np.asarray(Image.open(out / record["overlay"]))
+    assert (overlay[:8, :120] == 0).mean() > 0.5  # the caption's dark band, top left
+
+    plain, said, out = run("--threshold", "0.5", "--no-flip-tta", "--no-largest-component", "--no-label-from-mask")
+    assert "threshold 0.5, flip TTA off, largest component off, label from mask off" in said
+    assert "threshold, flip_tta, largest_component, label_from_mask from the command line" in said
+    probs = plain["probabilities"]
+    assert plain["label"] == max(probs, key=probs.get)
+    assert plain["probabilities"] != pytest.approx(record["probabilities"], abs=1e-6)  # no flip: another answer
+
+
+def test_out_naming_a_file_is_one_error(predictor_dir, images, tmp_path):
+    (tmp_path / "taken").write_text("keep me")
+    with pytest.raises(BusiError, match="taken: --out names an existing file"):
+        predict([images], str(predictor_dir), tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "keep me"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from busi import CLASSES, BusiError
-from busi.masks import merge_masks
-from busi.preprocess import preprocess
-from busi.split import split
+from busi.stages.merge_masks import merge_masks
+from busi.stages.preprocess import preprocess
+from busi.stages.split import split
 from test_split import params, read_rows
 
 

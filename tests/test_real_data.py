@@ -6,10 +6,10 @@ import csv
 import pytest
 
 from busi.config import load_params
-from busi.dataset import find_root, scan
-from busi.fetch import fetch
-from busi.masks import merge_masks
-from busi.split import split
+from busi.data.busi_layout import find_root, scan
+from busi.stages.fetch import fetch
+from busi.stages.merge_masks import merge_masks
+from busi.stages.split import split
 from conftest import REPO
 
 pytestmark = pytest.mark.slow

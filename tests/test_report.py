@@ -1,4 +1,4 @@
-"""busi.report against a real sqlite MLflow store: two tiny trainings, test metrics logged as evaluate will."""
+"""busi.commands.report against a real sqlite MLflow store: two tiny trainings, test metrics logged as evaluate will."""
 
 import csv
 import os
@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from busi import BusiError
-from busi.report import plot_curves, read_curves, report
-from busi.train import train
+from busi.commands.report import plot_curves, read_curves, report
+from busi.stages.train import train
 from conftest import REPO, SIZE, run_env, tiny_params
 
 # What the evaluate stage logs into the training run (test.<key> from metrics/test.json), for two runs.
@@ -96,13 +96,13 @@ def test_table_has_one_row_per_evaluated_run_beside_the_study(store, tmp_path):
     plain, scse = summaries["resnet18-plain"], summaries["resnet18-scse"]
     no_lesion = rows.pop()  # no Dice: last
     assert no_lesion[0].startswith("no-lesion (") and no_lesion[4:] == ["?", "?", "–", "–", "–", "–", "0.990", "–",
-                                                                         "–", "–"]
+                                                                         "–", "–", "–", "–"]
     assert rows == [  # best validation Dice first, then the runs without one by test Dice
         [f"resnet18-scse (`{scse['run_id'][:8]}`)", "resnet18", "scse", "none", "64",
          f"2 / {scse['best_epoch']}", "0.700", "0.750", "0.412 [0.350, 0.470]", "0.580 [0.520, 0.635]", "0.951",
-         "0.877", "0.550", "0.500"],
+         "0.877", "0.550", "–", "0.500", "–"],
         [f"resnet18-plain (`{plain['run_id'][:8]}`)", "resnet18", "none", "none", "64",
-         f"3 / {plain['best_epoch']}", "–", "–", "0.500", "0.660", "0.960", "0.800", "–", "–"],
+         f"3 / {plain['best_epoch']}", "–", "–", "0.500", "0.660", "0.960", "0.800", "–", "–", "–", "–"],
     ]
     assert "Not evaluated (no `test.*` metrics; their curves are in the figure): not-evaluated (`" in text
     assert "crashed" not in text and "left out: 1 runs not finished" in text
@@ -121,7 +121,7 @@ def test_figure_overlays_every_finished_runs_validation_curves(store):
     client = MlflowClient()
     runs = [r for r in client.search_runs([client.get_experiment_by_name("busi").experiment_id])
             if r.info.status == "FINISHED"]
-    fig = plot_curves(runs, read_curves(client, runs))
+    fig = plot_curves(runs, read_curves(runs))
     loss, iou = fig.axes
     assert (loss.get_title(), iou.get_title()) == ("validation loss", "validation IoU")
     for ax, key in [(loss, "val_loss"), (iou, "val_iou")]:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from busi.config import load_params
-from busi.split import split
+from busi.stages.split import split
 from conftest import REPO
 from synthetic import COUNTS
 

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from busi.model import load_checkpoint
-from busi.train import train
+from busi.model.checkpoint import load_checkpoint
+from busi.stages.train import train
 from conftest import SIZE, run_env, tiny_params
 
 
@@ -29,8 +29,9 @@ def test_outputs_checkpoints_and_mlflow_run(processed, tmp_path, store):
     assert json.loads((tmp_path / "train.json").read_text()) == summary
     assert summary["epochs_run"] == 2 and 1 <= summary["best_epoch"] <= 2
     assert set(summary["best"]) == {"val_loss", "val_iou", "val_dice", "val_accuracy"}  # no EMA: no val_raw_*
-    model, params, state = load_checkpoint(tmp_path / "models")  # weights_only=True inside
-    assert params.model.encoder == "resnet18" and state["epoch"] == summary["best_epoch"]
+    model, config, state = load_checkpoint(tmp_path / "models")  # weights_only=True inside
+    assert config.model.encoder == "resnet18" and state["epoch"] == summary["best_epoch"]
+    assert config.image_size == SIZE  # the arrays' size it really trained at
     mask_logits, class_logits = model(torch.rand(2, 1, SIZE, SIZE))
     assert mask_logits.shape == (2, 1, SIZE, SIZE) and class_logits.shape == (2, 3)
     run = store.get_run(summary["run_id"])

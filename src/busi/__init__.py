@@ -1,6 +1,7 @@
 """Lesion segmentation and classification on breast ultrasound (BUSI), as a DVC + MLflow pipeline."""
 
 CLASSES = ("benign", "malignant", "normal")  # label index = position in this tuple
+SPLITS = ("train", "val", "test")
 
 
 class BusiError(Exception):

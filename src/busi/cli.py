@@ -49,19 +49,26 @@ def main(argv: list[str] | None = None) -> int:
                      help="the validation split's metrics under the chosen post-processing (compare runs on these)")
     cmd.add_argument("--plots", type=Path, default=Path("metrics/plots"), help="per-image CSV, confusion CSV")
     cmd.add_argument("--figures", type=Path, default=Path("reports/figures"))
+    cmd.add_argument("--predictor", type=Path, default=Path("predictor"),
+                     help="where to write the predictor: the network + the post-processing chosen on validation")
 
     cmd = commands.add_parser("report", help="the study's comparison table and figures from every MLflow run")
     cmd.add_argument("--out", type=Path, default=Path("reports/study.md"))
     cmd.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or busi)")
 
-    cmd = commands.add_parser("predict", help="masks, overlays and class probabilities for your own images")
+    cmd = commands.add_parser("predict", help="masks, overlays, labels and class probabilities for your own images")
     cmd.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG) or folders of them")
-    cmd.add_argument("--model", required=True, help="checkpoint folder/file, or an MLflow model URI (models:/...)")
-    cmd.add_argument("--out", type=Path, required=True)
-    cmd.add_argument("--flip-tta", action="store_true", help="average with the mirrored image (test-time augmentation)")
-    cmd.add_argument("--largest-component", action="store_true", help="keep only the largest lesion region")
-    cmd.add_argument("--label-from-mask", action="store_true", help="no predicted lesion -> normal, else the more "
-                     "probable of benign and malignant")
+    cmd.add_argument("--model", default="predictor", help="the evaluate stage's predictor folder (default), another "
+                     "predictor, a training checkpoint folder/file, or an MLflow model URI (models:/...)")
+    cmd.add_argument("--out", type=Path, required=True, help="output folder")
+    steps = cmd.add_argument_group("post-processing", "default: what the model carries (chosen on validation)")
+    steps.add_argument("--threshold", type=float, default=None, help="on the lesion probability")
+    steps.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+                       help="average with the mirrored image (test-time augmentation)")
+    steps.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep only the largest lesion region")
+    steps.add_argument("--label-from-mask", action=argparse.BooleanOptionalAction, default=None,
+                       help="no predicted lesion -> normal, else the more probable of benign and malignant")
 
     cmd = commands.add_parser("ablate", help="validation metrics as each post-processing step is added (no test)")
     cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
@@ -87,33 +94,33 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, params) -> str:
     # Stage modules are imported on demand: each pulls in only what it needs (torch is slow to import).
     if args.command == "fetch":
-        from busi.fetch import fetch
+        from busi.stages.fetch import fetch
 
         return f"{fetch(args.out)} images verified in {args.out}"
     if args.command == "merge-masks":
-        from busi.masks import merge_masks
+        from busi.stages.merge_masks import merge_masks
 
         return f"{merge_masks(args.raw, args.out)} merged masks in {args.out}"
     if args.command == "split":
-        from busi.split import split
+        from busi.stages.split import split
 
         report = split(args.raw, params.split, args.out, args.report)
         totals = ", ".join(f"{s} {c['total']}" for s, c in report["counts"].items())
         return (f"{totals}; {report['groups_with_copies']} groups of copies, "
                 f"{report['conflicts']['groups']} conflicts ({params.split.conflicts})")
     if args.command == "preprocess":
-        from busi.preprocess import preprocess
+        from busi.stages.preprocess import preprocess
 
         counts = preprocess(args.raw, args.masks, args.splits, params.preprocess.image_size, args.out)
         return ", ".join(f"{s} {n}" for s, n in counts.items()) + f" at {params.preprocess.image_size} px"
     if args.command == "train":
-        from busi.train import train
+        from busi.stages.train import train
 
         summary = train(args.data, params, args.out, args.metrics, args.history)
         best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best"].items())
         return f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {best}; MLflow run {summary['run_id']}"
     if args.command == "check-metrics":
-        from busi.gate import check_metrics
+        from busi.commands.check_metrics import check_metrics
 
         table, regressed = check_metrics(args.new, args.baseline)
         print(table)
@@ -121,25 +128,27 @@ def run(args: argparse.Namespace, params) -> str:
             raise BusiError(f"metrics regressed beyond tolerance: {', '.join(regressed)}")
         return "no gated metric regressed"
     if args.command == "evaluate":
-        from busi.evaluate import evaluate
+        from busi.stages.evaluate import evaluate
 
-        metrics = evaluate(args.data, args.masks, args.model, args.train_metrics, args.history, params.evaluate,
-                           args.out, args.plots, args.figures, args.val_out)
-        return f"test dice {metrics['dice']:.3f}, iou {metrics['iou']:.3f}, f1_weighted {metrics['f1_weighted']:.3f}"
+        metrics, model_uri = evaluate(args.data, args.masks, args.model, args.train_metrics, args.history,
+                                      params.evaluate, args.out, args.plots, args.figures, args.val_out, args.predictor)
+        return (f"test dice {metrics.get('dice', float('nan')):.3f}, iou {metrics.get('iou', float('nan')):.3f}, "
+                f"f1_weighted {metrics['f1_weighted']:.3f}; predictor in {args.predictor}, MLflow model {model_uri}")
     if args.command == "ablate":
-        from busi.ablation import ablate, markdown
+        from busi.commands.ablate import ablate, markdown
 
         print(markdown(ablate(args.models, args.data, args.masks, params.evaluate.threshold)))
         return "validation split only"
     if args.command == "report":
-        from busi.report import report
+        from busi.commands.report import report
 
         return f"wrote {report(args.out, args.experiment)}"
     if args.command == "predict":
-        from busi.predict import predict
+        from busi.commands.predict import predict
 
-        done, failed = predict(args.inputs, args.model, args.out, args.flip_tta, args.largest_component,
-                               args.label_from_mask)
+        overrides = {"threshold": args.threshold, "flip_tta": args.flip_tta,
+                     "largest_component": args.largest_component, "label_from_mask": args.label_from_mask}
+        done, failed, _ = predict(args.inputs, args.model, args.out, overrides)
         if failed:
             raise BusiError(f"{failed} of {done + failed} inputs failed (see above); the rest are in {args.out}")
         return f"{done} images in {args.out}"

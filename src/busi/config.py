@@ -110,6 +110,13 @@ class EvaluateParams(Section):
     figure_cases: int = Field(ge=1)  # best and worst test cases per class in the contour figure
 
 
+class NetworkConfig(Section):
+    """What rebuilds one trained network: its model section and the square image size it was trained at.
+    Training checkpoints and the predictor artifact store this, not the whole params file."""
+    model: ModelParams
+    image_size: int = Field(ge=32)
+
+
 class Params(Section):
     split: SplitParams
     preprocess: PreprocessParams

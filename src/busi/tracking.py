@@ -1,9 +1,11 @@
-"""MLflow tracking for training: one run per training (resumable), its params, metrics, curves and model.
+"""Every MLflow call of the project: one run per training (resumable) with its params and curves; the evaluation
+added to that run (metrics, tables, figures and the predictor as the MLflow model); the reads of `report`.
 
 Records go to the repository's mlflow.db (or MLFLOW_TRACKING_URI), also from DVC experiments that run in
 temporary copies of the repository under .dvc/tmp/exps/.
 """
 
+import json
 import os
 import subprocess
 from importlib.metadata import version
@@ -11,14 +13,20 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global state; PNGs render with Agg
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
+from busi import BusiError
 from busi.config import Params
 
 PACKAGE = Path(__file__).resolve().parent
 EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --queue/--temp` copies the repository
-# What the served model imports (busi.model and busi.config), pinned to the versions trained with.
-SERVING_PACKAGES = ("mlflow", "torch", "segmentation-models-pytorch", "timm", "pydantic", "pyyaml", "numpy", "pandas")
+# What the served model imports (busi.model and what it uses), pinned to the versions trained with.
+SERVING_PACKAGES = ("mlflow", "torch", "segmentation-models-pytorch", "timm", "pydantic", "pyyaml", "numpy", "pandas",
+                    "scikit-learn", "opencv-python-headless", "pillow", "safetensors")
+MAX_RUNS = 50_000  # MLflow's largest page; a study has tens of runs
 
 
 def project_root() -> Path:
@@ -108,18 +116,113 @@ def log_curves(history: list[dict[str, float]]) -> None:
     mlflow.log_figure(fig, "training_curves.png")
 
 
-def log_model(checkpoint: Path) -> str:
-    """Log the model as models-from-code pyfunc: serving rebuilds it from the weights, never unpickles code."""
+def end_run(status: str = "FINISHED") -> None:
+    mlflow.end_run(status=status)
+
+
+def training_run_id(train_metrics_json: Path) -> str:
+    """The MLflow run id the training wrote, checked to exist in the tracking store."""
+    try:
+        run_id = json.loads(Path(train_metrics_json).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BusiError(f"{train_metrics_json}: no training run id ({type(err).__name__}: {err}); "
+                        "run `dvc repro train`") from None
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise BusiError(f"{train_metrics_json}: MLflow run {run_id} is not in the tracking store "
+                        f"{mlflow.get_tracking_uri()} (set MLFLOW_TRACKING_URI, or re-run training)") from None
+    return run_id
+
+
+def log_evaluation(run_id: str, metrics: dict, val_metrics: dict, tables: dict[str, pd.DataFrame],
+                   figures: dict[str, Figure], predictor_dir: Path, serving) -> str:
+    """Add an evaluation to the training's run: every numeric leaf of the test metrics as `test.<dotted.key>` and
+    of the validation metrics as `val.<dotted.key>` (booleans as tags), the tables, the figures, and the predictor
+    as the run's MLflow model (`serving`: the busi.model.serving module). Returns the model's URI."""
+    flat, val_flat = flatten(metrics), flatten(val_metrics)
+    # start_run refuses a run outside the active experiment (one set earlier in this process, or by the environment)
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    mlflow.start_run(run_id=run_id)
+    try:  # not the context manager: a failure here must not mark the training run FAILED
+        mlflow.log_metrics({f"test.{k}": v for k, v in flat.items() if is_number(v)}
+                           | {f"val.{k}": v for k, v in val_flat.items() if is_number(v)})
+        mlflow.set_tags({f"test.{k}": str(v) for k, v in flat.items() if isinstance(v, bool)})
+        for name, table in tables.items():
+            log_table(run_id, table, name)
+        for name, figure in figures.items():
+            mlflow.log_figure(figure, name)
+        model_uri = log_model(predictor_dir, serving)
+        mlflow.set_tag("busi.model_uri", model_uri)
+    finally:
+        mlflow.end_run()
+    return model_uri
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def log_table(run_id: str, table: pd.DataFrame, name: str) -> None:
+    """mlflow.log_table appends to a table the run already has: a re-evaluation replaces it instead, written in
+    the same layout (pandas' split orient) that log_table uses and the MLflow UI reads."""
+    if name in {artifact.path for artifact in mlflow.MlflowClient().list_artifacts(run_id)}:
+        mlflow.log_text(table.to_json(orient="split", index=False), name)
+    else:
+        mlflow.log_table(table, name)
+
+
+def log_model(predictor_dir: Path, serving) -> str:
+    """Log the predictor folder as a models-from-code pyfunc (the `serving` module's file) with its signature and
+    input example: serving rebuilds the networks from their weights, never unpickles code."""
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(PACKAGE / "mlflow_model.py"),
-        artifacts={"checkpoint": str(checkpoint)},
+        python_model=serving.__file__,
+        artifacts={"predictor": str(predictor_dir)},
         code_paths=[str(PACKAGE)],
+        signature=serving.SIGNATURE,
+        input_example=serving.input_example(),
         # without a local build tag such as +cu128: those are not on PyPI
         pip_requirements=[f"{package}=={version(package).split('+')[0]}" for package in SERVING_PACKAGES],
     )
     return info.model_uri
 
 
-def end_run(status: str = "FINISHED") -> None:
-    mlflow.end_run(status=status)
+def download_predictor(uri: str, dst: Path) -> Path:
+    """Download a logged model and return its predictor folder (or, for a model logged by an earlier version,
+    its checkpoint file)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
+        # The MLmodel file says where log_model put the artifact inside the model folder.
+        artifacts = mlflow.models.Model.load(folder).flavors["python_function"]["artifacts"]
+        entry = artifacts.get("predictor") or artifacts["checkpoint"]
+    except (MlflowException, OSError, KeyError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BusiError(f"{uri}: cannot load a busi model from this MLflow URI ({first_line})") from None
+    return folder / entry["path"]
+
+
+def finished_runs(experiment: str) -> tuple[list[Run], int, str]:
+    """The experiment's FINISHED runs (oldest first), how many others it has, and the store's URI."""
+    uri = tracking_uri()
+    db = urlparse(uri)
+    if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():  # MlflowClient would create an empty one
+        raise BusiError(f"no MLflow store at {uri}: train a model first (or set MLFLOW_TRACKING_URI)")
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise BusiError(f"MLflow experiment {experiment!r} not found in {uri}: train a model first")
+    runs = client.search_runs([found.experiment_id], max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    if not finished:
+        raise BusiError(f"MLflow experiment {experiment!r} ({uri}) has no finished runs: train a model first")
+    return finished, len(runs) - len(finished), uri
+
+
+def metric_history(run_id: str, key: str) -> dict[int, float]:
+    """{step: value}; a resumed run may have logged a step twice: its last value counts."""
+    metrics = sorted(mlflow.MlflowClient(tracking_uri()).get_metric_history(run_id, key),
+                     key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in metrics}

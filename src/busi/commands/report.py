@@ -9,20 +9,17 @@ reports/study_val_curves.png. Finished runs without any test metric are listed u
 import math
 import os
 from pathlib import Path
-from urllib.parse import urlparse
 
 from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global state
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 
-from busi import BusiError
+from busi import tracking
+from busi.evaluation.metrics import METRICS
 from busi.files import atomic_file
-from busi.tracking import tracking_uri
 
 # (metric under test.<key>, column title); the first four are the study's columns.
-COLUMNS = [("iou", "IoU"), ("dice", "Dice"), ("pixel_accuracy", "pixel acc."), ("f1_weighted", "weighted F1"),
-           ("dice_per_image", "per-image Dice"), ("per_class.malignant.dice", "malignant Dice")]
+COLUMNS = [(metric.key, metric.title) for metric in METRICS]
 # The study's Table 1, test split, as printed there: model, IoU, Dice, pixel accuracy, weighted F1.
 STUDY = [["VGG16 + attention", "0.41", "0.58", "0.95", "0.877"],
          ["VGG19 + attention", "0.51", "0.67", "0.95", "0.82"],
@@ -30,50 +27,31 @@ STUDY = [["VGG16 + attention", "0.41", "0.58", "0.95", "0.877"],
          ["ResNet50, no attention", "0.43", "0.60", "0.95", "0.80"],
          ["DPN68 + attention", "0.59", "0.74", "0.96", "0.81"]]
 CURVES = [("val_loss", "validation loss"), ("val_iou", "validation IoU")]
-MAX_RUNS = 50_000  # MLflow's largest page; a study has tens of runs
 
 
 def report(out_md: Path, experiment: str | None = None) -> Path:
     """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it; returns `out_md`."""
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
-    uri = tracking_uri()
-    db = urlparse(uri)
-    if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():  # MlflowClient would create an empty one
-        raise BusiError(f"no MLflow store at {uri}: train a model first (or set MLFLOW_TRACKING_URI)")
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        raise BusiError(f"MLflow experiment {name!r} not found in {client.tracking_uri}: train a model first")
-    runs = client.search_runs([found.experiment_id], max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
-    finished = [run for run in runs if run.info.status == "FINISHED"]
-    if not finished:
-        raise BusiError(f"MLflow experiment {name!r} ({client.tracking_uri}) has no finished runs: train a model first")
-
-    curves = read_curves(client, finished)
+    finished, unfinished, uri = tracking.finished_runs(name)
+    curves = read_curves(finished)
     figure = Path(out_md).with_name(f"{Path(out_md).stem}_val_curves.png")
     with atomic_file(figure) as tmp:
         plot_curves(finished, curves).savefig(tmp, format="png", dpi=120)  # tmp has no .png suffix
-    text = markdown(name, client.tracking_uri, finished, curves, len(runs) - len(finished), figure.name)
+    text = markdown(name, uri, finished, curves, unfinished, figure.name)
     with atomic_file(out_md) as tmp:
         tmp.write_text(text)
     return Path(out_md)
 
 
-def read_curves(client: MlflowClient, runs: list[Run]) -> dict[str, dict[str, dict[int, float]]]:
+def read_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, float]]]:
     """{run id: {metric: {epoch: value}}} for the plotted metrics and the monitor that picked the best epoch."""
     plotted = [key for key, _ in CURVES]
-    return {run.info.run_id: {key: history(client, run.info.run_id, key) for key in {*plotted, monitor(run)}}
+    return {run.info.run_id: {key: tracking.metric_history(run.info.run_id, key) for key in {*plotted, monitor(run)}}
             for run in runs}
 
 
 def monitor(run: Run) -> str:
     return run.data.params.get("train.monitor", "val_dice")
-
-
-def history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
-    """{epoch: value}; a resumed run may have logged an epoch twice: its last value counts."""
-    metrics = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-    return {m.step: m.value for m in metrics}
 
 
 def epochs(run: Run, curves: dict[str, dict[int, float]]) -> str:

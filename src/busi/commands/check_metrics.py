@@ -1,22 +1,16 @@
 """The metrics gate: compare a new metrics/test.json with a committed baseline and fail on a regression.
 
 Every gated metric is higher-is-better; a drop larger than its tolerance (absolute) fails the check.
-The tolerances are provisional until run-to-run variation of the CI profile is measured (issue 5).
+The gated metrics and their tolerances are those of busi.evaluation.metrics.METRICS with a tolerance.
 """
 
 import json
 from pathlib import Path
 
 from busi import BusiError
+from busi.evaluation.metrics import METRICS
 
-TOLERANCES = {  # dotted key in test.json -> largest allowed drop
-    "dice": 0.03,
-    "iou": 0.03,
-    "pixel_accuracy": 0.01,
-    "dice_per_image": 0.03,
-    "f1_weighted": 0.05,
-    "accuracy": 0.05,
-}
+TOLERANCES = {metric.key: metric.tolerance for metric in METRICS if metric.tolerance is not None}
 
 
 def read_metrics(path: Path) -> dict:
@@ -26,6 +20,10 @@ def read_metrics(path: Path) -> dict:
         raise BusiError(f"{path}: not found") from None
     except json.JSONDecodeError as err:
         raise BusiError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise BusiError(f"{path}: not a text file (expected a JSON object of metrics)") from None
+    except OSError as err:
+        raise BusiError(f"{path}: cannot read ({err.strerror})") from None
     if not isinstance(metrics, dict):
         raise BusiError(f"{path}: expected a JSON object of metrics")
     return metrics

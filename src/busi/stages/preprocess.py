@@ -7,10 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from busi import CLASSES, BusiError
-from busi.dataset import find_root, read_gray, scan
+from busi import CLASSES, SPLITS, BusiError
+from busi.data.busi_layout import find_root, read_gray, scan
 from busi.files import atomic_dir
-from busi.split import SPLITS
 
 
 def preprocess(raw_dir: Path, masks_dir: Path, splits_csv: Path, image_size: int, out_dir: Path) -> dict:

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from busi import BusiError
-from busi.dataset import DATASET_DIR, find_root, open_image, scan
+from busi.data.busi_layout import DATASET_DIR, find_root, open_image, scan
 from busi.files import atomic_dir
 
 KAGGLE_DATASET = "aryashah2k/breast-ultrasound-images-dataset"

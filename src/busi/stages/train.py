@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from busi import CLASSES, tracking
-from busi.config import Params
-from busi.data import SegmentationDataset, load_split, train_transform
+from busi.config import NetworkConfig, Params
+from busi.data.arrays import SegmentationDataset, load_split, train_transform
 from busi.files import atomic_file
-from busi.model import build_model, save_checkpoint
+from busi.model.checkpoint import save_checkpoint
+from busi.model.network import build_model
 
 MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy) is maximised
 
@@ -41,6 +42,8 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         keep = np.random.default_rng(cfg.seed).permutation(len(train_arrays["labels"]))[: cfg.max_train_images]
         train_arrays = {key: value[np.sort(keep)] for key, value in train_arrays.items()}
 
+    # What rebuilds the network: its model section and the size it really trained at (the arrays' own).
+    network = NetworkConfig(model=params.model, image_size=int(train_arrays["images"].shape[1]))
     torch.manual_seed(cfg.seed)
     model = build_model(params.model).to(device, memory_format=torch.channels_last)
     # The moving average of the weights (BatchNorm statistics included) is what gets validated and saved.
@@ -94,14 +97,14 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             tracking.log_epoch(row, epoch)
             if best is None or is_better(row[cfg.monitor], best[cfg.monitor], cfg.monitor):
                 best = row
-                save_checkpoint(out_dir / "best.pt", ema.module if ema else model, params, epoch=epoch)
+                save_checkpoint(out_dir / "best.pt", ema.module if ema else model, network, epoch=epoch)
             if cfg.scheduler == "cosine":
                 scheduler.step()
             else:
                 scheduler.step(row[cfg.monitor])
             stop = epoch - best["epoch"] >= cfg.patience
             finished = stop or epoch == cfg.epochs
-            save_checkpoint(out_dir / "last.pt", model, params, epoch=epoch, optimizer=optimizer.state_dict(),
+            save_checkpoint(out_dir / "last.pt", model, network, epoch=epoch, optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
                             fingerprint=fingerprint, finished=finished, **({"ema": ema.state_dict()} if ema else {}))
             print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
@@ -117,7 +120,6 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         with atomic_file(metrics_path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tracking.log_curves(history)
-        tracking.log_model(out_dir / "best.pt")
     except BaseException as err:  # a crash or Ctrl-C: the MLflow run says so instead of staying RUNNING
         tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise

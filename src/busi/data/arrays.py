@@ -1,9 +1,11 @@
-"""Training data: the preprocessed split arrays (no PNG decoding per epoch) and the albumentations
-augmentation pipeline, every transform and probability taken from params."""
+"""The preprocessed split arrays (no PNG decoding per epoch), the merged reference masks at their original size
+for evaluation, and the training dataset with its albumentations augmentation, every transform and probability
+taken from params."""
 
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -20,6 +22,20 @@ def load_split(processed_dir: Path, split: str) -> dict[str, np.ndarray]:
             return {key: arrays[key] for key in arrays.files}
     except (OSError, ValueError) as err:
         raise BusiError(f"{path}: cannot read preprocessed split ({err}); run `dvc repro preprocess`") from None
+
+
+def read_references(masks_dir: Path, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The merged 0/255 reference mask of every image of a split, at its original size, as booleans."""
+    references = []
+    for image_id, size in zip(arrays["ids"], arrays["sizes"], strict=True):
+        path = Path(masks_dir) / f"{image_id}.png"
+        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise BusiError(f"{path}: reference mask missing or unreadable; run `dvc repro merge_masks`")
+        if mask.shape != tuple(size):
+            raise BusiError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]}, the image was {size[0]}x{size[1]}")
+        references.append(mask > 0)
+    return references
 
 
 def train_transform(params: AugmentParams, seed: int) -> A.Compose:

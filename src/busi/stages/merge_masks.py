@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from busi import BusiError
-from busi.dataset import find_root, read_mask, scan
+from busi.data.busi_layout import find_root, read_mask, scan
 from busi.files import atomic_dir
 
 

@@ -3,17 +3,13 @@ scSE attention in the decoder and a normal/benign/malignant classification head.
 
 import difflib
 import os
-import pickle
 import socket
-from pathlib import Path
 
 import segmentation_models_pytorch as smp
-import torch
 from torch import nn
 
 from busi import CLASSES, BusiError
-from busi.config import ModelParams, Params
-from busi.files import atomic_file
+from busi.config import ModelParams
 
 
 def encoder_names() -> list[str]:
@@ -75,39 +71,3 @@ def replace_max_pooling(module: nn.Module) -> None:
                                                ceil_mode=child.ceil_mode))
         else:
             replace_max_pooling(child)
-
-
-@torch.no_grad()
-def predict_batch(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lesion probability maps and class probabilities for a float batch [N,1,H,W] in [0, 1]."""
-    mask_logits, class_logits = model(images)
-    return torch.sigmoid(mask_logits), torch.softmax(class_logits, dim=1)
-
-
-def save_checkpoint(path: Path, model: nn.Module, params: Params, **extra) -> None:
-    """Weights + the params that built them, written atomically; loadable with weights_only=True."""
-    state = {"model": model.state_dict(), "params": params.model_dump(mode="json"), **extra}
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
-# Parameters added after checkpoints were first written, with the values that reproduce the older behaviour:
-# an older checkpoint still loads.
-ADDED_KEYS = {"train": {"ema": 0.0}, "evaluate": {"flip_tta": "off", "label_from_mask": "off"}}
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Params, dict]:
-    """Rebuild the model from a checkpoint folder or file: never unpickles code (weights_only=True)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise BusiError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
-    stored = {section: ADDED_KEYS.get(section, {}) | values for section, values in state["params"].items()}
-    params = Params.model_validate(stored, strict=False)
-    # The checkpoint holds every weight: never fetch pretrained ones just to overwrite them.
-    model = build_model(params.model.model_copy(update={"encoder_weights": None}))
-    model.load_state_dict(state["model"])
-    return model.eval(), params, state

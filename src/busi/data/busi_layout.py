@@ -70,17 +70,31 @@ def scan(root: Path) -> list[Case]:
 
 def open_image(path: Path) -> Image.Image:
     """Decode a PNG fully (a truncated file fails here, not later in training)."""
+    return decode(path, path)
+
+
+def decode(source, name) -> Image.Image:
+    """Decode an image file or file object fully; any failure (truncated, not an image, more pixels than PIL's
+    decompression-bomb limit) is one BusiError naming `name`."""
     try:
-        image = Image.open(path)
+        image = Image.open(source)
         image.load()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BusiError(f"{path}: cannot decode image ({err})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BusiError(f"{name}: cannot decode image ({err})") from None
     return image
 
 
 def read_gray(path: Path) -> np.ndarray:
-    """An image as 8-bit grayscale, whatever its mode (L, RGB, RGBA, P, and 16-bit I;16 / I)."""
-    image = open_image(path)
+    """An image file as 8-bit grayscale, whatever its mode (L, RGB, RGBA, P, and 16-bit I;16 / I)."""
+    return to_gray(open_image(path))
+
+
+def decode_gray(source, name: str) -> np.ndarray:
+    """An image file object as 8-bit grayscale, exactly as read_gray reads a file (serving uses it)."""
+    return to_gray(decode(source, name))
+
+
+def to_gray(image: Image.Image) -> np.ndarray:
     if image.mode.startswith("I"):  # convert("L") would clip every 16-bit value above 255: scale instead
         return (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8)
     return np.asarray(image.convert("L"))

@@ -1,5 +1,5 @@
 """Stage split: train/val/test, stratified by class, seeded and group-aware. Copies of one scan (found by
-busi.duplicates) form a group that never straddles two splits; train+val also get k group-aware folds."""
+busi.data.copies) form a group that never straddles two splits; train+val also get k group-aware folds."""
 
 import csv
 import json
@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from busi import CLASSES, BusiError
+from busi import CLASSES, SPLITS, BusiError
 from busi.config import SplitParams
-from busi.dataset import find_root, scan
-from busi.duplicates import copy_groups, find_copy_pairs
+from busi.data.busi_layout import find_root, scan
+from busi.data.copies import copy_groups, find_copy_pairs
 from busi.files import atomic_file
-
-SPLITS = ("train", "val", "test")
 
 
 def split(raw_dir: Path, params: SplitParams, out_csv: Path, report_json: Path) -> dict:

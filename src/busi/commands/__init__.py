@@ -1,0 +1,1 @@
+"""Commands outside the pipeline: predict, ablate, report, check-metrics."""

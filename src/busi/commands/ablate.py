@@ -1,0 +1,55 @@
+"""`python -m busi ablate`: what each post-processing step adds, on the validation split only.
+
+For every checkpoint given, the validation metrics at the original resolution with the post-processing steps
+switched on one at a time, in the order the evaluate stage decides them: none, + flip TTA, + largest component,
++ labels from the mask. The test split is never read: this is for choosing, the evaluate stage for reporting.
+"""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from busi import BusiError
+from busi.data.arrays import load_split, read_references
+from busi.evaluation.metrics import METRICS, lookup
+from busi.evaluation.postprocessing import PostProcessing, score
+from busi.model.predictor import Predictor
+
+STEPS = [  # (name, the step it switches on), added in turn
+    ("none", {}),
+    ("+ flip TTA", {"flip_tta": True}),
+    ("+ largest component", {"largest_component": True}),
+    ("+ labels from the mask", {"label_from_mask": True}),
+]
+
+
+def ablate(models: list[Path], data_dir: Path, masks_dir: Path, threshold: float) -> pd.DataFrame:
+    """One row per checkpoint and step: the validation metrics of METRICS."""
+    val = load_split(data_dir, "val")
+    references = read_references(masks_dir, val)
+    rows = []
+    for path in models:
+        predictor = Predictor.from_checkpoints([path]).to("cuda" if torch.cuda.is_available() else "cpu")
+        if val["images"].shape[1] != predictor.image_size:
+            raise BusiError(f"{path}: trained at {predictor.image_size} px, but {data_dir} holds "
+                            f"{val['images'].shape[1]} px images; run `dvc repro preprocess` for that size")
+        probabilities = {flip: predictor.probabilities(val["images"], flip=flip) for flip in (False, True)}
+        step = PostProcessing(threshold=threshold)
+        for name, switch in STEPS:
+            step = replace(step, **switch)
+            metrics = score(step, *probabilities[step.flip_tta], val, references)[0]
+            epoch = predictor.provenance["checkpoints"][0]["epoch"]
+            rows.append({"model": f"{path} (epoch {epoch})", "post-processing": name,
+                         **{metric.title: lookup(metrics, metric.key) for metric in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    def cell(value):
+        return "" if value is None or pd.isna(value) else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Metrics as pure functions of predicted and reference masks and labels (no files, no model, no MLflow).
+
+`METRICS` lists what every consumer shows: the evaluate stage's intervals, `report`'s and `ablate`'s columns
+and the CI gate's tolerances all come from it, so a new metric is added here and nowhere else.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
+from busi import CLASSES
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # dotted key in metrics/test.json and metrics/val.json
+    title: str
+    interval: bool = False  # a 95% bootstrap interval is computed (top-level keys only)
+    tolerance: float | None = None  # the CI gate fails when it drops by more (higher is better); None: not gated
+
+
+METRICS = (  # the study's four columns first
+    Metric("iou", "IoU", interval=True, tolerance=0.03),
+    Metric("dice", "Dice", interval=True, tolerance=0.03),
+    Metric("pixel_accuracy", "pixel acc.", tolerance=0.01),
+    Metric("f1_weighted", "weighted F1", interval=True, tolerance=0.05),
+    Metric("dice_per_image", "per-image Dice", interval=True, tolerance=0.03),
+    Metric("accuracy", "accuracy", tolerance=0.05),
+    Metric("per_class.malignant.dice", "malignant Dice"),
+    Metric("normal_fp_rate", "normal FP rate"),
+)
+CASE_COLUMNS = ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px", "predicted_area_px"]
+
+
+def lookup(metrics: dict, key: str):
+    """The value at a dotted key, or None."""
+    value = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def case_table(ids, labels, predicted_labels, predictions: list[np.ndarray],
+               references: list[np.ndarray]) -> pd.DataFrame:
+    """One row per image: pixel counts, Dice and IoU (NaN where reference and prediction are both empty),
+    reference and predicted lesion areas. `labels` and `predicted_labels` are class indices."""
+    rows = []
+    for image_id, label, predicted_label, predicted, reference in zip(ids, labels, predicted_labels, predictions,
+                                                                      references, strict=True):
+        tp, fp, fn = (np.count_nonzero(m) for m in (predicted & reference, predicted & ~reference,
+                                                     ~predicted & reference))
+        rows.append({"image_id": str(image_id), "label": CLASSES[label], "predicted_label": CLASSES[predicted_label],
+                     "tp": tp, "fp": fp, "fn": fn, "tn": reference.size - tp - fp - fn})
+    cases = pd.DataFrame(rows, columns=["image_id", "label", "predicted_label", "tp", "fp", "fn", "tn"])
+    tp, fp, fn = (cases[c].to_numpy(float) for c in ("tp", "fp", "fn"))
+    with np.errstate(invalid="ignore"):  # 0/0: both empty
+        cases["dice"] = 2 * tp / (2 * tp + fp + fn)
+        cases["iou"] = tp / (tp + fp + fn)
+    cases["lesion_area_px"] = cases["tp"] + cases["fn"]
+    cases["predicted_area_px"] = cases["tp"] + cases["fp"]
+    return cases
+
+
+def summary(cases: pd.DataFrame, class_probabilities: np.ndarray) -> dict:
+    """Every metric of one split: segmentation, classification, and both per class."""
+    return {"images": len(cases), **segmentation_metrics(cases), **classification_metrics(cases, class_probabilities),
+            "per_class": per_class_metrics(cases)}
+
+
+def segmentation_metrics(cases: pd.DataFrame) -> dict[str, float]:
+    """Pooled IoU, Dice and pixel accuracy over all pixels (as the study); Dice and IoU per image averaged over
+    images with a reference lesion; the share of normal images with any predicted lesion. A metric with no case
+    to measure (no lesion, no normal image) is left out rather than written as NaN."""
+    tp, fp, fn, tn = (int(cases[c].sum()) for c in ("tp", "fp", "fn", "tn"))
+    metrics = {"pixel_accuracy": (tp + tn) / (tp + fp + fn + tn)} if len(cases) else {}
+    lesion = cases["lesion_area_px"] > 0
+    if lesion.any():
+        metrics |= {"iou": tp / (tp + fp + fn), "dice": 2 * tp / (2 * tp + fp + fn),
+                    "dice_per_image": cases.loc[lesion, "dice"].mean(),
+                    "iou_per_image": cases.loc[lesion, "iou"].mean()}
+    normal = cases["label"] == "normal"
+    if normal.any():
+        metrics["normal_fp_rate"] = (cases.loc[normal, "predicted_area_px"] > 0).mean()
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def classification_metrics(cases: pd.DataFrame, class_probabilities: np.ndarray) -> dict:
+    """Weighted and macro F1, accuracy, one-vs-rest ROC-AUC of the head's probabilities, the confusion matrix."""
+    actual, predicted = cases["label"], cases["predicted_label"]
+    metrics = {"f1_weighted": f1_weighted(actual, predicted),
+               "f1_macro": f1_score(actual, predicted, average="macro", zero_division=0),
+               "accuracy": accuracy_score(actual, predicted)}
+    if actual.nunique() == len(CLASSES):  # one-vs-rest AUC is undefined for a class the split lacks
+        metrics["roc_auc_ovr"] = roc_auc_score(actual, class_probabilities, multi_class="ovr", labels=list(CLASSES))
+    matrix = confusion_matrix(actual, predicted, labels=list(CLASSES))
+    return {**{key: float(value) for key, value in metrics.items()},
+            "confusion": {a: {p: int(n) for p, n in zip(CLASSES, row, strict=True)}
+                          for a, row in zip(CLASSES, matrix, strict=True)}}
+
+
+def f1_weighted(actual, predicted) -> float:
+    return float(f1_score(actual, predicted, average="weighted", zero_division=0))
+
+
+def per_class_metrics(cases: pd.DataFrame) -> dict:
+    """Segmentation metrics within each class, and that class's precision, recall and F1 as a prediction."""
+    precision, recall, f1, _ = precision_recall_fscore_support(cases["label"], cases["predicted_label"],
+                                                               labels=list(CLASSES), zero_division=0)
+    per_class = {}
+    for i, name in enumerate(CLASSES):
+        subset = cases[cases["label"] == name]
+        per_class[name] = {"images": len(subset), **(segmentation_metrics(subset) if len(subset) else {}),
+                           "f1": float(f1[i]), "precision": float(precision[i]), "recall": float(recall[i])}
+    return per_class
+
+
+def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """95% percentile intervals of every `interval` metric over `resamples` draws of images with replacement
+    (pooled metrics are recomputed over each draw's pixels). A metric undefined in a draw skips that draw."""
+    names = [metric.key for metric in METRICS if metric.interval]
+    if not resamples or not len(cases):
+        return {}
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        sample = cases.iloc[rng.integers(0, len(cases), len(cases))]
+        values = segmentation_metrics(sample) | {"f1_weighted": f1_weighted(sample["label"], sample["predicted_label"])}
+        draws.append([values.get(name, np.nan) for name in names])
+    with warnings.catch_warnings():  # an all-NaN column (no lesion at all) gives NaN, dropped below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(np.array(draws), [2.5, 97.5], axis=0)
+    return {name: {"low": float(lo), "high": float(hi)}
+            for name, lo, hi in zip(names, low, high, strict=True) if np.isfinite(lo)}

@@ -1,0 +1,88 @@
+"""The MLflow model, logged as code (busi.tracking.log_model) around the predictor folder: loading or serving it
+rebuilds the networks from safetensors weights and never unpickles code.
+
+Input: a DataFrame with one column, `image`: per row a base64-encoded PNG or JPEG of any size and mode (decoded
+as `python -m busi predict` reads files: 8-bit grayscale). Output, per row: `label`, the class probabilities
+(`benign`, `malignant`, `normal`), `lesion_area_px`, `height`, `width`, and `mask`, a base64 PNG (0/255) of the
+image's own size. The same predictor, hence the same answer, as `predict` and the evaluate stage.
+
+    mlflow models serve -m models:/<model id> --env-manager local --port 5001
+    curl -H 'Content-Type: application/json' -d @request.json http://127.0.0.1:5001/invocations
+    # request.json: {"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG>"]]}}
+"""
+
+import base64
+import binascii
+import io
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from busi import CLASSES, BusiError
+from busi.data.busi_layout import decode_gray
+from busi.model.predictor import load_predictor
+
+MAX_REQUEST_IMAGE_BYTES = 32 * 2**20  # one encoded image; larger is refused before decoding
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", name) for name in CLASSES),
+                    ColSpec("long", "lesion_area_px"), ColSpec("long", "height"), ColSpec("long", "width"),
+                    ColSpec("string", "mask")]),
+)
+
+
+class BusiModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        self.predictor = load_predictor(context.artifacts["predictor"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input:
+            raise invalid("expected a DataFrame with a column 'image': base64-encoded PNG or JPEG, one per row")
+        images = [decode_request_image(value, row) for row, value in enumerate(model_input["image"])]
+        rows = []
+        for prediction in self.predictor.predict(images):
+            record = prediction.record()
+            rows.append({"label": record["label"], **record["probabilities"],
+                         **{key: record[key] for key in ("lesion_area_px", "height", "width")},
+                         "mask": encode_png(prediction.mask.astype(np.uint8) * 255)})
+        return pd.DataFrame(rows, columns=[spec.name for spec in SIGNATURE.outputs.inputs])
+
+
+def decode_request_image(value, row: int) -> np.ndarray:
+    if not isinstance(value, str | bytes):
+        raise invalid(f"row {row}: 'image' must be a base64 string, got {type(value).__name__}")
+    if len(value) > MAX_REQUEST_IMAGE_BYTES * 4 // 3 + 4:
+        raise invalid(f"row {row}: image larger than {MAX_REQUEST_IMAGE_BYTES // 2**20} MiB")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise invalid(f"row {row}: 'image' is not valid base64 ({err})") from None
+    try:
+        return decode_gray(io.BytesIO(data), f"row {row}")
+    except BusiError as err:
+        raise invalid(f"{err} (expected a base64-encoded PNG or JPEG)") from None
+
+
+def encode_png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def input_example() -> pd.DataFrame:
+    """A 64x48 grayscale gradient, as a request carries it."""
+    image = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (48, 1))
+    return pd.DataFrame({"image": [encode_png(image)]})
+
+
+def invalid(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+mlflow.models.set_model(BusiModel())
