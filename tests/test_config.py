@@ -66,3 +66,12 @@ def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "busi", command, "--help"], env=run_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_a_binary_params_file_or_a_folder_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x81")
+    with pytest.raises(BusiError, match=r"params.yaml: not a text file \(expected YAML\)"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(BusiError, match=r"folder: a folder, not a params file"):
+        load_params(tmp_path / "folder")

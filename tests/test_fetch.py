@@ -1,15 +1,20 @@
 import csv
 import os
 import stat
+import struct
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from busi import BusiError
 from busi.stages.fetch import fetch
+from busi.stages.merge_masks import merge_masks
 from conftest import run_env
 from synthetic import COUNTS, zip_folder
 
@@ -120,3 +125,70 @@ def test_failure_in_library_call_leaves_output_intact(project, busi_folder, monk
     with pytest.raises(BusiError):
         fetch(project / "data/raw")
     assert sorted(p.relative_to(project) for p in (project / "data/raw").rglob("*")) == before
+
+
+def test_errors_name_the_member_of_the_archive_not_a_temporary_folder(project, busi_folder, tmp_path):
+    path = busi_folder / "benign/benign (4).png"
+    path.write_bytes(path.read_bytes()[:300])
+    archive = zip_folder(busi_folder, tmp_path / "broken.zip")
+    fetch_fails(project, archive, f"{archive}: Dataset_BUSI_with_GT/benign/benign (4).png: cannot decode image")
+
+
+def test_a_mask_of_another_size_is_rejected_by_fetch(project, busi_folder):
+    """Found before anything is replaced, not later in merge_masks."""
+    mask = busi_folder / "malignant/malignant (3)_mask.png"
+    Image.open(mask).resize((40, 30)).save(mask)
+    fetch_fails(project, busi_folder, "malignant (3)_mask.png: mask is 40x30, its image is")
+
+
+def test_a_mask_that_is_not_0_255_is_thresholded_at_its_midpoint_with_a_warning(project, busi_folder):
+    mask = busi_folder / "benign/benign (5)_mask.png"
+    lesion = np.asarray(Image.open(mask).convert("L")) > 0
+    Image.fromarray(np.where(lesion, 198, 20).astype(np.uint8)).save(mask)  # background 20, lesion 198
+    result = subprocess.run([sys.executable, "-m", "busi", "fetch"], cwd=project, capture_output=True, text=True,
+                            env=run_env(BUSI_ARCHIVE=str(busi_folder)))
+    assert result.returncode == 0, result.stderr
+    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert "benign (5)_mask.png: mask values 20 198 are not 0/255: lesion where above 109" in warning
+    with (project / "data/raw/manifest.csv").open() as f:
+        values = {row["path"].rsplit("/", 1)[1]: row["values"] for row in csv.DictReader(f)}
+    assert values["benign (5)_mask.png"] == "20 198" and values["benign (1)_mask.png"] == "0 255"
+    assert values["benign (5).png"] == ""  # images: no value set
+    merged = merge_masks(project / "data/raw", project / "data/masks")
+    assert merged == sum(COUNTS.values())
+    out = np.asarray(Image.open(project / "data/masks/benign (5).png")) > 0
+    np.testing.assert_array_equal(out, lesion)  # the lesion, not the whole image
+
+
+def test_zip_bombs_are_refused_by_member_count_and_unpacked_size(project, busi_zip, monkeypatch):
+    monkeypatch.setenv("BUSI_ARCHIVE", str(busi_zip))
+    monkeypatch.setattr("busi.stages.fetch.MAX_MEMBERS", 10)
+    with pytest.raises(BusiError, match=r"members, more than the limit of 10"):
+        fetch(project / "data/raw")
+    monkeypatch.setattr("busi.stages.fetch.MAX_MEMBERS", 20_000)
+    monkeypatch.setattr("busi.stages.fetch.MAX_UNPACKED_BYTES", 2**16)
+    with pytest.raises(BusiError, match=r"unpacks to [\d.]+ MiB, more than the limit of 0.1 MiB"):
+        fetch(project / "data/raw")
+    assert not (project / "data/raw").exists()
+
+
+def test_symbolic_links_in_a_source_folder_are_not_followed(project, busi_folder, tmp_path):
+    (tmp_path / "secret.png").write_bytes((busi_folder / "benign/benign (1).png").read_bytes())
+    (busi_folder / "benign/benign (99).png").symlink_to(tmp_path / "secret.png")
+    fetch_fails(project, busi_folder, "benign (99).png: a symbolic link in the source folder")
+
+
+def huge_png_header(path, width=20000, height=20000):
+    """A valid PNG signature and header that claims width x height pixels, without the pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(project, busi_folder):
+    huge_png_header(busi_folder / "normal/normal (2).png")
+    fetch_fails(project, busi_folder, "normal (2).png: image larger than the limit of 50,000,000 pixels")
+    huge_png_header(busi_folder / "normal/normal (2).png", 8000, 7000)  # above the limit, below PIL's own
+    fetch_fails(project, busi_folder, "normal (2).png: image of 8000x7000 is larger than the limit of 50,000,000")

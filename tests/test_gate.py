@@ -57,3 +57,13 @@ def test_missing_metric_and_malformed_file_are_clear_errors(tmp_path):
         check_metrics(tmp_path / "bad.json", base)
     code, _, err = check(tmp_path, tmp_path / "bad.json")
     assert code == 1 and err.count("\n") == 1 and "bad.json: not valid JSON" in err
+
+
+def test_a_binary_file_or_a_folder_is_one_error(tmp_path):
+    base = write(tmp_path / "base.json", BASELINE)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00\x81\x89PNG")
+    with pytest.raises(BusiError, match=r"binary.json: not a text file"):
+        check_metrics(tmp_path / "binary.json", base)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(BusiError, match=r"folder: cannot read"):
+        check_metrics(tmp_path / "folder", base)

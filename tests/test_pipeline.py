@@ -7,8 +7,10 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import REPO, run_env
+from synthetic import zip_folder
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +57,7 @@ def run_names(repo):
 def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
     repo, env = dvc_repo
     out = sh("dvc", "repro", cwd=repo, env=env)
-    for stage in ["fetch", "merge_masks", "split", "preprocess", "train", "evaluate"]:
+    for stage in ["source", "fetch", "merge_masks", "split", "preprocess", "train", "evaluate"]:
         assert f"Running stage '{stage}'" in out
     train = np.load(repo / "data/processed/train.npz")
     assert train["images"].shape[1:] == (64, 64)
@@ -65,12 +67,14 @@ def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
     assert "mlflow.db" not in sh("git", "status", "--porcelain", cwd=repo)  # git-ignored
 
     again = sh("dvc", "repro", cwd=repo, env=env)
-    assert "Running stage" not in again  # a second repro is a no-op
+    assert [line for line in again.splitlines() if "Running stage" in line] == ["Running stage 'source':"]
+    assert "Stage 'fetch' didn't change" in again  # a second repro only takes the archive's fingerprint
 
     set_param(repo, "preprocess", "image_size", 96)
     changed = sh("dvc", "repro", cwd=repo, env=env)
     assert "Running stage 'preprocess'" in changed and "Running stage 'train'" in changed
     assert all(f"Running stage '{s}'" not in changed for s in ["fetch", "merge_masks", "split"])
+    assert (repo / "predictor/predictor.json").is_file()  # the model predict and serving use
     assert np.load(repo / "data/processed/train.npz")["images"].shape[1:] == (96, 96)
 
 
@@ -83,6 +87,7 @@ def test_dvc_experiments_run_train_only_and_land_in_the_root_store(dvc_repo):
     out = sh("dvc", "exp", "run", "-n", "plain", "-S", "model.attention=null", cwd=repo, env=env)
     assert "Running stage 'train'" in out
     assert all(f"Running stage '{s}'" not in out for s in ["fetch", "merge_masks", "split", "preprocess"])
+    assert "Running stage 'evaluate'" in out
 
     # Queued experiments run in temporary copies of the repository: their runs still land in its mlflow.db.
     sh("dvc", "exp", "run", "--queue", "-n", "queued", "-S", "train.lr=0.002", cwd=repo, env=env)
@@ -90,3 +95,52 @@ def test_dvc_experiments_run_train_only_and_land_in_the_root_store(dvc_repo):
     # (the workspace still holds the first experiment, attention=null, when the second is queued)
     assert run_names(repo) == ["resnet18-plain-plain", "resnet18-plain-queued", "resnet18-scse"]
     assert {"plain", "queued"} <= set(sh("dvc", "exp", "list", "--name-only", cwd=repo, env=env).split())
+
+
+def snapshot(repo) -> dict:
+    """Every file of the data stages' outputs, by content, and their dvc.lock entries (the source stage records
+    whatever archive it last saw: it is not an output of the data)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {p.relative_to(repo).as_posix(): p.read_bytes() for folder in ("data/raw", "data/masks", "data/processed")
+            for p in sorted((repo / folder).rglob("*")) if p.is_file()} | {
+        "data/splits.csv": (repo / "data/splits.csv").read_bytes(),
+        "dvc.lock": {name: entry for name, entry in lock.items() if name != "source"}}
+
+
+def test_the_archive_content_is_pipeline_state_and_a_rejected_archive_loses_nothing(dvc_repo, busi_folder,
+                                                                                     busi_zip, tmp_path):
+    repo, env = dvc_repo
+    first = sh("dvc", "repro", "preprocess", cwd=repo, env=env)
+    assert "Running stage 'source'" in first and "Running stage 'fetch'" in first
+
+    # The same content under another path: only the fingerprint is taken, nothing re-runs.
+    shutil.copy(busi_zip, tmp_path / "copy.zip")
+    same = sh("dvc", "repro", "preprocess", cwd=repo, env={**env, "BUSI_ARCHIVE": str(tmp_path / "copy.zip")})
+    assert "Running stage 'source'" in same and "Running stage 'fetch'" not in same
+
+    # Another archive: plain `dvc repro` re-runs fetch (no -f needed) and what depends on it.
+    image = busi_folder / "benign/benign (4).png"
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    (tmp_path / "changed").mkdir()
+    changed_zip = zip_folder(busi_folder, tmp_path / "changed" / "Dataset_BUSI_with_GT.zip")
+    changed = sh("dvc", "repro", "preprocess", cwd=repo, env={**env, "BUSI_ARCHIVE": str(changed_zip)})
+    assert "Running stage 'fetch'" in changed and "Running stage 'preprocess'" in changed
+    good = snapshot(repo)
+
+    # A rejected archive (a mask of another size than its image): one line naming the member, and the previous
+    # data/raw and everything after it intact, dvc.lock too.
+    mask = busi_folder / "malignant/malignant (3)_mask.png"
+    Image.open(mask).resize((40, 30)).save(mask)
+    (tmp_path / "bad").mkdir()
+    bad_zip = zip_folder(busi_folder, tmp_path / "bad" / "Dataset_BUSI_with_GT.zip")
+    result = subprocess.run(["dvc", "repro", "preprocess"], cwd=repo, capture_output=True, text=True,
+                            env={**env, "BUSI_ARCHIVE": str(bad_zip)})
+    assert result.returncode != 0
+    assert (f"error: {bad_zip}: Dataset_BUSI_with_GT/malignant/malignant (3)_mask.png: mask is 40x30, its image is"
+            in result.stderr + result.stdout)
+    assert snapshot(repo) == good
+    assert not [p for p in (repo / "data").iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+    # Back to the good archive: up to date, nothing re-runs but the fingerprint.
+    back = sh("dvc", "repro", "preprocess", cwd=repo, env={**env, "BUSI_ARCHIVE": str(changed_zip)})
+    assert "Running stage 'fetch'" not in back and snapshot(repo) == good

@@ -23,6 +23,7 @@ from busi.model.network import build_model
 from busi.model.predictor import Predictor
 from conftest import REPO, run_env
 from synthetic import speckle
+from test_fetch import huge_png_header
 
 SIZE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,6 +141,7 @@ def test_broken_files_are_reported_and_the_others_done(images, checkpoint, proje
     Image.fromarray(gray(5, 70, 80)).save(good / "ok.png")
     (good / "corrupt.png").write_bytes((images / "l_small.png").read_bytes()[:300])  # truncated
     (good / "fake.jpg").write_text("not an image")
+    huge_png_header(good / "huge.png")  # a header claiming 20000x20000 pixels: refused, not decoded
     (project / "notes.txt").write_text("hello")
     (project / "empty").mkdir()
     command = [sys.executable, "-m", "busi", "predict", "in", "notes.txt", "missing.png", "empty",
@@ -147,10 +149,10 @@ def test_broken_files_are_reported_and_the_others_done(images, checkpoint, proje
     result = subprocess.run(command, cwd=project, env=run_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     errors = result.stderr.splitlines()
-    for name in ("corrupt.png", "fake.jpg", "notes.txt", "missing.png", "empty:"):
+    for name in ("corrupt.png", "fake.jpg", "notes.txt", "missing.png", "empty:", "huge.png: image larger than"):
         assert sum(name in line for line in errors) == 1, result.stderr
     assert errors[0].startswith("predict: threshold 0.5")  # what it applied: a checkpoint has only defaults
-    assert len(errors) == 7 and "error: 5 of 6 inputs failed" in errors[-1]
+    assert len(errors) == 8 and "error: 6 of 7 inputs failed" in errors[-1]
     lines = (project / "out" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(line)["path"] for line in lines] == ["in/ok.png"]
     assert np.asarray(Image.open(project / "out" / "ok_mask.png")).shape == (70, 80)
@@ -240,3 +242,20 @@ def test_out_naming_a_file_is_one_error(predictor_dir, images, tmp_path):
     with pytest.raises(BusiError, match="taken: --out names an existing file"):
         predict([images], str(predictor_dir), tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "keep me"
+
+
+def test_model_files_that_are_not_checkpoints_are_one_line(images, checkpoint, tmp_path):
+    """A text file, a bare state dict, weights that do not fit their network: no traceback, and never PyTorch's
+    advice to load with weights_only=False."""
+    (tmp_path / "notes.pt").write_text("hello")
+    torch.save(load_checkpoint(checkpoint)[0].state_dict(), tmp_path / "bare.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["model"]["encoder"] = "resnet34"
+    torch.save(state, tmp_path / "wrong.pt")
+    for name, message in [("notes.pt", "not a readable checkpoint"), ("bare.pt", "not a busi checkpoint"),
+                          ("wrong.pt", "the weights do not fit the resnet34 U-Net")]:
+        result = subprocess.run([sys.executable, "-m", "busi", "predict", str(images / "l_small.png"), "--model",
+                                 str(tmp_path / name), "--out", str(tmp_path / "out")], env=run_env(), cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr and "weights_only" not in result.stderr and "Traceback" not in result.stderr

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from busi import tracking
+from busi import BusiError, tracking
 from busi.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +154,19 @@ def test_project_root_is_the_git_top_level_or_dvc_root(repo, tmp_path, monkeypat
     assert tracking.project_root() == repo.resolve()
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # what DVC sets for a stage, and for an experiment's copy
     assert tracking.project_root() == tmp_path.resolve()
+
+
+def test_credentials_in_a_tracking_uri_never_reach_a_message(tmp_path, monkeypatch):
+    assert tracking.shown_uri("https://alice:s3cret@mlflow.example.org:5000/x?token=abc") == \
+        "https://***@mlflow.example.org:5000/x?***"
+    assert tracking.shown_uri("sqlite:////repo/mlflow.db") == "sqlite:////repo/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:9/")  # nothing listens on port 9
+    (tmp_path / "train.json").write_text('{"run_id": "0123"}')
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    try:
+        with pytest.raises(BusiError, match=r"not in the tracking store http://\*\*\*@127.0.0.1:9/") as err:
+            tracking.training_run_id(tmp_path / "train.json")
+        assert "s3cret" not in str(err.value)
+    finally:
+        mlflow.set_tracking_uri(None)

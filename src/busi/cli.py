@@ -14,7 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    cmd = commands.add_parser("fetch", help="fetch and verify the raw BUSI archive (BUSI_ARCHIVE or Kaggle)")
+    cmd = commands.add_parser("source", help="fingerprint the archive's content (BUSI_ARCHIVE, else Kaggle) for DVC")
+    cmd.add_argument("--out", type=Path, default=Path("data/source.json"))
+
+    cmd = commands.add_parser("fetch", help="fetch and verify the raw BUSI archive: $BUSI_ARCHIVE (a .zip or an "
+                              "extracted folder), else Kaggle")
     cmd.add_argument("--out", type=Path, default=Path("data/raw"))
 
     cmd = commands.add_parser("merge-masks", help="OR every image's mask files into one 0/255 mask")
@@ -93,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, params) -> str:
     # Stage modules are imported on demand: each pulls in only what it needs (torch is slow to import).
+    if args.command == "source":
+        from busi.stages.source import source
+
+        found = source(args.out)
+        return f"{found['path']} ({found['kind']}{', sha256 ' + found['sha256'][:12] if 'sha256' in found else ''})"
     if args.command == "fetch":
         from busi.stages.fetch import fetch
 

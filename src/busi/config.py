@@ -133,6 +133,10 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise BusiError(f"{path}: not found (run from the repository root)") from None
+    except UnicodeDecodeError:
+        raise BusiError(f"{path}: not a text file (expected YAML)") from None
+    except IsADirectoryError:
+        raise BusiError(f"{path}: a folder, not a params file") from None
     except yaml.YAMLError as err:
         raise BusiError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     try:

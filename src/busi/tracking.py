@@ -47,6 +47,16 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root()}/mlflow.db"
 
 
+def shown_uri(uri: str) -> str:
+    """A tracking URI fit for messages and reports: user, password and query (tokens) removed."""
+    parts = urlparse(uri)
+    if not (parts.username or parts.password or parts.query):
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}{f':{parts.port}' if parts.port else ''}" if parts.username or parts.password else host
+    return parts._replace(netloc=netloc, query="***" if parts.query else "").geturl()
+
+
 def start_run(params: Params, run_id: str | None = None) -> str:
     """Start a run, or resume `run_id` (a training restarted after a kill continues its own run)."""
     mlflow.set_tracking_uri(tracking_uri())
@@ -132,7 +142,7 @@ def training_run_id(train_metrics_json: Path) -> str:
         mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
         raise BusiError(f"{train_metrics_json}: MLflow run {run_id} is not in the tracking store "
-                        f"{mlflow.get_tracking_uri()} (set MLFLOW_TRACKING_URI, or re-run training)") from None
+                        f"{shown_uri(tracking_uri())} (set MLFLOW_TRACKING_URI, or re-run training)") from None
     return run_id
 
 
@@ -209,16 +219,17 @@ def finished_runs(experiment: str) -> tuple[list[Run], int, str]:
     uri = tracking_uri()
     db = urlparse(uri)
     if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():  # MlflowClient would create an empty one
-        raise BusiError(f"no MLflow store at {uri}: train a model first (or set MLFLOW_TRACKING_URI)")
+        raise BusiError(f"no MLflow store at {uri}: train a model first (or set MLFLOW_TRACKING_URI)")  # a path
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise BusiError(f"MLflow experiment {experiment!r} not found in {uri}: train a model first")
+        raise BusiError(f"MLflow experiment {experiment!r} not found in {shown_uri(uri)}: train a model first")
     runs = client.search_runs([found.experiment_id], max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
     finished = [run for run in runs if run.info.status == "FINISHED"]
     if not finished:
-        raise BusiError(f"MLflow experiment {experiment!r} ({uri}) has no finished runs: train a model first")
-    return finished, len(runs) - len(finished), uri
+        raise BusiError(f"MLflow experiment {experiment!r} ({shown_uri(uri)}) has no finished runs: "
+                        "train a model first")
+    return finished, len(runs) - len(finished), shown_uri(uri)
 
 
 def metric_history(run_id: str, key: str) -> dict[int, float]:

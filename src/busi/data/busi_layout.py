@@ -2,6 +2,7 @@
 and the integrity checks every stage relies on."""
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from PIL import Image
 from busi import CLASSES, BusiError
 
 DATASET_DIR = "Dataset_BUSI_with_GT"
+MAX_PIXELS = 50_000_000  # per image (BUSI's largest is 0.75 M): a header claiming more is refused, not decoded
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL refuses twice as many at open(); decode() refuses more than this
 _MASK_NAME = re.compile(r"^(?P<image_id>.+)_mask(_\d+)?$")
 
 
@@ -74,12 +77,19 @@ def open_image(path: Path) -> Image.Image:
 
 
 def decode(source, name) -> Image.Image:
-    """Decode an image file or file object fully; any failure (truncated, not an image, more pixels than PIL's
-    decompression-bomb limit) is one BusiError naming `name`."""
+    """Decode an image file or file object fully; any failure (not an image, truncated, more than MAX_PIXELS
+    pixels) is one BusiError naming `name`."""
     try:
-        image = Image.open(source)
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS: refused below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        if image.width * image.height > MAX_PIXELS:  # read from the header, before any pixel is decoded
+            raise BusiError(f"{name}: image of {image.width}x{image.height} is larger than the limit of "
+                            f"{MAX_PIXELS:,} pixels")
         image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        raise BusiError(f"{name}: image larger than the limit of {MAX_PIXELS:,} pixels") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise BusiError(f"{name}: cannot decode image ({err})") from None
     return image
 
@@ -100,9 +110,25 @@ def to_gray(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"))
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A lesion mask as bool: any non-zero colour pixel is lesion (masks come as 1-bit, L, RGB and RGBA)."""
+def mask_levels(path: Path) -> np.ndarray:
+    """A mask file's gray levels (RGB and RGBA as their luminance; 1-bit as 0/255), before any rule applies."""
     image = open_image(path)
     if image.mode in ("RGBA", "LA", "PA"):
         image = image.convert("RGB")
-    return np.asarray(image.convert("L")) > 0
+    return np.asarray(image.convert("L"))
+
+
+def binarize_mask(levels: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """The mask rule: 0/255 masks (BUSI's own) are lesion where non-zero. Any other set of values is thresholded
+    at the midpoint of the lowest and highest value present (lesion above it): a mask stored as 20/198 is not
+    all lesion. Returns the mask and the threshold used when the rule was not the plain one (None otherwise)."""
+    values = np.unique(levels)
+    if set(values.tolist()) <= {0, 255}:
+        return levels > 0, None
+    threshold = (int(values[0]) + int(values[-1])) // 2
+    return levels > threshold, threshold
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A lesion mask as bool, by the rule of binarize_mask (masks come as 1-bit, L, RGB and RGBA)."""
+    return binarize_mask(mask_levels(path))[0]

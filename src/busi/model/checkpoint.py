@@ -29,11 +29,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         path = path / "best.pt"
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise BusiError(f"{path}: no such checkpoint") from None
     except Exception as err:  # noqa: BLE001 - any file at all may be handed in: a text file fails with KeyError
-        if isinstance(err, FileNotFoundError):
-            raise BusiError(f"{path}: no such checkpoint") from None
-        first_line = (str(err).splitlines() or [type(err).__name__])[0]
-        raise BusiError(f"{path}: not a readable checkpoint ({first_line})") from None
+        # Not PyTorch's message: it advises weights_only=False, which would run code from an untrusted file.
+        raise BusiError(f"{path}: not a readable checkpoint (not a PyTorch file of tensors and plain data: "
+                        f"{type(err).__name__})") from None
     if not isinstance(state, dict) or "model" not in state or not ({"config", "params"} & state.keys()):
         raise BusiError(f"{path}: not a busi checkpoint (no network configuration beside the weights; "
                         "a bare state dict does not say which network it fits)")

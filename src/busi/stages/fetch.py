@@ -1,43 +1,59 @@
 """Stage fetch: the raw BUSI archive, from a local file/folder (BUSI_ARCHIVE) or Kaggle, verified and
-written atomically to data/raw/Dataset_BUSI_with_GT with a manifest of every file."""
+written atomically to data/raw/Dataset_BUSI_with_GT with a manifest of every file.
+
+Everything a later stage relies on is checked here, before the previous data/raw is replaced: the layout, every
+PNG decodes and is within the pixel limit, every mask has its image's size, mask values (any other than 0/255
+are thresholded at their midpoint, with a warning). Zip archives are capped in members and unpacked size, and
+extracted only inside the target; a source folder's symbolic links are refused. Errors name the file as it is
+in the user's archive or folder.
+"""
 
 import csv
 import hashlib
-import os
 import shutil
 import socket
 import stat
+import sys
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from busi import BusiError
-from busi.data.busi_layout import DATASET_DIR, find_root, open_image, scan
-from busi.files import atomic_dir
+import numpy as np
 
-KAGGLE_DATASET = "aryashah2k/breast-ultrasound-images-dataset"
+from busi import BusiError
+from busi.data.busi_layout import DATASET_DIR, binarize_mask, find_root, mask_levels, open_image, scan
+from busi.files import atomic_dir
+from busi.stages.source import KAGGLE_DATASET, archive_path
+
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 MANIFEST = "manifest.csv"
+MAX_MEMBERS = 20_000  # BUSI has 1,578 files
+MAX_UNPACKED_BYTES = 4 * 2**30  # BUSI unpacks to about 0.2 GiB
 
 
 def fetch(out_dir: Path) -> int:
     """Fetch, verify and place the dataset in `out_dir`; returns the number of images."""
-    source = os.environ.get("BUSI_ARCHIVE")
-    source = Path(source).expanduser() if source else download_from_kaggle()
+    source = archive_path() or download_from_kaggle()
     with atomic_dir(out_dir) as tmp:
         if source.is_dir():
-            shutil.copytree(find_root(source), tmp / DATASET_DIR)
-        elif source.is_file():
+            root = find_root(source)
+            refuse_links(root)
+            shutil.copytree(root, tmp / DATASET_DIR)
+            shown = f"{root}/"
+        else:
             unpacked = tmp / ".unpacked"
             safe_extract(source, unpacked)
             try:
-                find_root(unpacked).rename(tmp / DATASET_DIR)
+                root = find_root(unpacked)
             except BusiError:
                 raise BusiError(f"{source}: no {DATASET_DIR}/ or class folders inside the archive") from None
+            shown = f"{source}: {root.relative_to(unpacked).as_posix()}/".replace(": ./", ": ")
+            root.rename(tmp / DATASET_DIR)
             shutil.rmtree(unpacked, ignore_errors=True)
-        else:
-            raise BusiError(f"BUSI_ARCHIVE={source}: no such file or folder")
-        cases = scan(tmp / DATASET_DIR)
-        write_manifest(tmp, tmp / MANIFEST)
+        try:  # errors name the member of the user's archive, not the temporary folder
+            cases = scan(tmp / DATASET_DIR)
+            write_manifest(tmp, tmp / MANIFEST, cases, shown)
+        except BusiError as err:
+            raise BusiError(str(err).replace(f"{tmp / DATASET_DIR}/", shown)) from None
     return len(cases)
 
 
@@ -56,16 +72,31 @@ def download_from_kaggle() -> Path:
 
 
 def safe_extract(archive: Path, target: Path) -> None:
-    """Extract a zip inside `target` only: absolute paths, '..' and symbolic links are refused."""
+    """Extract a zip inside `target` only: absolute paths, '..' and symbolic links are refused, and so are more
+    than MAX_MEMBERS members or more than MAX_UNPACKED_BYTES unpacked (zipfile never yields more bytes than a
+    member's header declares, so the declared sizes bound what is written)."""
     if not zipfile.is_zipfile(archive):
         raise BusiError(f"BUSI_ARCHIVE={archive}: not a zip archive (give a .zip or an extracted folder)")
     with zipfile.ZipFile(archive) as zf:
-        for member in zf.infolist():
+        members = zf.infolist()
+        if len(members) > MAX_MEMBERS:
+            raise BusiError(f"{archive}: {len(members):,} members, more than the limit of {MAX_MEMBERS:,}")
+        unpacked = sum(member.file_size for member in members)
+        if unpacked > MAX_UNPACKED_BYTES:
+            raise BusiError(f"{archive}: unpacks to {unpacked / 2**20:,.1f} MiB, more than the limit of "
+                            f"{MAX_UNPACKED_BYTES / 2**20:,.1f} MiB")
+        for member in members:
             name = PurePosixPath(member.filename.replace("\\", "/"))
             is_link = stat.S_ISLNK(member.external_attr >> 16)
             if name.is_absolute() or ".." in name.parts or is_link or ":" in member.filename:
                 raise BusiError(f"{archive}: member {member.filename!r} would escape the target folder")
         zf.extractall(target)
+
+
+def refuse_links(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise BusiError(f"{path}: a symbolic link in the source folder (links are not followed)")
 
 
 def sha256(path: Path) -> str:
@@ -76,14 +107,32 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(base: Path, manifest: Path) -> None:
-    """One row per PNG: path, sha256, size, width, height, mode. Decoding every file verifies it."""
+def write_manifest(base: Path, manifest: Path, cases, shown: str) -> None:
+    """One row per PNG: path, sha256, size, width, height, mode, and for a mask its gray levels. Decoding every
+    file verifies it; every mask must have its image's size; masks that are not 0/255 get a warning."""
     rows = []
-    for path in sorted((base / DATASET_DIR).rglob("*.png")):
-        image = open_image(path)
-        rows.append([path.relative_to(base).as_posix(), sha256(path), path.stat().st_size,
-                     image.width, image.height, image.mode])
+    for case in cases:
+        image = open_image(case.image)
+        rows.append(row(base, case.image, image, ""))
+        for path in case.masks:
+            levels = mask_levels(path)
+            if levels.shape != (image.height, image.width):
+                raise BusiError(f"{path}: mask is {levels.shape[1]}x{levels.shape[0]}, its image is "
+                                f"{image.width}x{image.height}")
+            values = np.unique(levels)
+            _, threshold = binarize_mask(levels)
+            if threshold is not None:
+                shown_path = str(path).replace(f"{base / DATASET_DIR}/", shown)
+                print(f"warning: {shown_path}: mask values {' '.join(map(str, values[:8]))}"
+                      f"{' ...' if len(values) > 8 else ''} are not 0/255: lesion where above {threshold}",
+                      file=sys.stderr)
+            rows.append(row(base, path, open_image(path), " ".join(map(str, values))))
     with manifest.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "sha256", "size", "width", "height", "mode"])
-        writer.writerows(rows)
+        writer.writerow(["path", "sha256", "size", "width", "height", "mode", "values"])
+        writer.writerows(sorted(rows))
+
+
+def row(base: Path, path: Path, image, values: str) -> list:
+    return [path.relative_to(base).as_posix(), sha256(path), path.stat().st_size, image.width, image.height,
+            image.mode, values]
