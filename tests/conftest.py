@@ -81,6 +81,22 @@ def tiny_params(**train_changes):
     })
 
 
+def untrained_network(size: int = SIZE):
+    """A seeded, untrained resnet18 U-Net and its NetworkConfig. Untrained, its median lesion probability is
+    about 0.4: the bias is lifted so that its masks are neither empty nor full."""
+    import torch
+
+    from busi.config import NetworkConfig
+    from busi.model.network import build_model
+
+    model = load_params(REPO / "params.yaml").model.model_copy(update={"encoder": "resnet18"})
+    torch.manual_seed(0)
+    network = build_model(model)
+    with torch.no_grad():
+        network.segmentation_head[0].bias += 0.5
+    return network.eval(), NetworkConfig(model=model, image_size=size)
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"

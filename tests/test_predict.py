@@ -15,13 +15,12 @@ from PIL import Image
 
 from busi import CLASSES, BusiError, tracking
 from busi.commands.predict import predict, read_image
-from busi.config import NetworkConfig, load_params
+from busi.config import load_params
 from busi.evaluation.postprocessing import PostProcessing
 from busi.model import serving
 from busi.model.checkpoint import load_checkpoint, save_checkpoint
-from busi.model.network import build_model
 from busi.model.predictor import Predictor
-from conftest import REPO, run_env
+from conftest import REPO, run_env, untrained_network
 from synthetic import speckle
 from test_fetch import huge_png_header
 
@@ -31,13 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    params = load_params(REPO / "params.yaml").model.model_copy(update={"encoder": "resnet18"})
-    torch.manual_seed(0)
-    model = build_model(params)
-    with torch.no_grad():  # untrained, its median lesion probability is about 0.4: lift it so masks are not empty
-        model.segmentation_head[0].bias += 0.5
+    model, config = untrained_network(SIZE)
     path = tmp_path_factory.mktemp("model") / "best.pt"
-    save_checkpoint(path, model, NetworkConfig(model=params, image_size=SIZE), epoch=1)
+    save_checkpoint(path, model, config, epoch=1)
     return path
 
 

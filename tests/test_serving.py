@@ -24,12 +24,11 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from busi import CLASSES, tracking
-from busi.config import NetworkConfig, load_params
+from busi.config import load_params
 from busi.evaluation.postprocessing import PostProcessing
 from busi.model import serving
-from busi.model.network import build_model
 from busi.model.predictor import Predictor, load_predictor
-from conftest import REPO
+from conftest import REPO, untrained_network
 from synthetic import speckle
 
 SIZE = 64
@@ -38,14 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def predictor_dir(tmp_path_factory) -> Path:
-    """A tiny untrained U-Net, its lesion bias lifted so that masks are neither empty nor full."""
-    model = load_params(REPO / "params.yaml").model.model_copy(update={"encoder": "resnet18"})
-    torch.manual_seed(0)
-    network = build_model(model)
-    with torch.no_grad():
-        network.segmentation_head[0].bias += 0.5
+    network, config = untrained_network(SIZE)
     folder = tmp_path_factory.mktemp("predictor") / "predictor"
-    Predictor([network], [NetworkConfig(model=model, image_size=SIZE)],
+    Predictor([network], [config],
               PostProcessing(threshold=0.5, flip_tta=True, label_from_mask=True)).save(folder)
     return folder
 

@@ -9,7 +9,6 @@ in the user's archive or folder.
 """
 
 import csv
-import hashlib
 import shutil
 import socket
 import stat
@@ -22,7 +21,7 @@ import numpy as np
 from busi import BusiError
 from busi.data.busi_layout import DATASET_DIR, binarize_mask, find_root, mask_levels, open_image, scan
 from busi.files import atomic_dir
-from busi.stages.source import KAGGLE_DATASET, archive_path
+from busi.stages.source import KAGGLE_DATASET, archive_path, file_sha256
 
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
 MANIFEST = "manifest.csv"
@@ -99,14 +98,6 @@ def refuse_links(folder: Path) -> None:
             raise BusiError(f"{path}: a symbolic link in the source folder (links are not followed)")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(base: Path, manifest: Path, cases, shown: str) -> None:
     """One row per PNG: path, sha256, size, width, height, mode, and for a mask its gray levels. Decoding every
     file verifies it; every mask must have its image's size; masks that are not 0/255 get a warning."""
@@ -134,5 +125,5 @@ def write_manifest(base: Path, manifest: Path, cases, shown: str) -> None:
 
 
 def row(base: Path, path: Path, image, values: str) -> list:
-    return [path.relative_to(base).as_posix(), sha256(path), path.stat().st_size, image.width, image.height,
+    return [path.relative_to(base).as_posix(), file_sha256(path), path.stat().st_size, image.width, image.height,
             image.mode, values]
