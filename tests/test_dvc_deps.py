@@ -54,18 +54,26 @@ def imported_files(path: Path) -> set[Path]:
     return seen
 
 
-def stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PIPELINES = ["dvc.yaml", "cv/dvc.yaml"]
+
+
+def stages() -> dict[str, tuple[dict, Path]]:
+    """Every stage of every pipeline, with the folder its paths are relative to (its wdir)."""
+    found = {}
+    for pipeline in PIPELINES:
+        for name, stage in yaml.safe_load((ROOT / pipeline).read_text())["stages"].items():
+            found[f"{pipeline}:{name}"] = (stage, ((ROOT / pipeline).parent / stage.get("wdir", ".")).resolve())
+    return found
 
 
 @pytest.mark.parametrize("name", list(stages()))
 def test_a_stage_lists_every_project_module_it_runs(name):
-    stage = stages()[name]
+    stage, wdir = stages()[name]
     command = STAGE_COMMAND.search(stage["cmd"])
     assert command, f"stage {name}: its command does not run `python -m busi <command>`"
     module = SRC / "busi" / "stages" / f"{command[1].replace('-', '_')}.py"
     assert module.is_file(), f"stage {name}: no module {module}"
-    deps = [ROOT / dep for dep in stage.get("deps", [])]
+    deps = [wdir / dep for dep in stage.get("deps", [])]
     # The CLI validates params.yaml (busi.config) before any stage runs.
     needed = imported_files(module) | imported_files(SRC / "busi" / "config.py")
     missing = sorted(str(path.relative_to(ROOT)) for path in needed

@@ -24,6 +24,7 @@ from busi.evaluation.metrics import (
     METRICS,
     bootstrap_ci,
     classification_metrics,
+    paired_bootstrap,
     per_class_metrics,
     segmentation_metrics,
 )
@@ -276,7 +277,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
 
     per_image = pd.read_csv(tmp_path / "plots/per_image.csv")
     assert list(per_image.columns) == ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px",
-                                       "predicted_area_px"]
+                                       "predicted_area_px", "tp", "fp", "fn", "tn"]
     assert list(per_image.image_id) == list(test["ids"])
     for row in per_image.itertuples():  # reference areas counted at the original resolution
         original = cv2.imread(str(masks_dir / f"{row.image_id}.png"), cv2.IMREAD_GRAYSCALE)
@@ -418,3 +419,25 @@ def test_label_from_mask_is_forced_or_decided_on_validation(tmp_path):
     right = np.eye(3, dtype=np.float32)
     missed = np.zeros_like(probabilities)
     assert decide(head_says((missed, right)), val, references, params(**fixed))[0].label_from_mask is False
+
+
+def test_paired_bootstrap_on_constructed_models(tmp_path):
+    """Two models on the same 40 images: identical models differ by exactly nothing; a model that finds every
+    lesion beats one that misses half of them, beyond noise, in Dice and F1."""
+    references = [square(i % 10, i % 10, side=6) for i in range(40)]
+    labels = ["benign", "malignant"] * 20
+    good = score_masks(tmp_path / "good", references, references, labels)
+    good["predicted_label"] = labels
+    half = score_masks(tmp_path / "half", references, [r if i % 2 else EMPTY for i, r in enumerate(references)],
+                       labels)
+    half["predicted_label"] = [label if i % 2 else "normal" for i, label in enumerate(labels)]
+    same = paired_bootstrap(good, good.sample(frac=1, random_state=0), resamples=200, seed=0)  # order is free
+    assert same == {name: {"difference": 0.0, "low": 0.0, "high": 0.0, "p": 1.0} for name in ("dice", "f1_weighted")}
+    better = paired_bootstrap(good, half, resamples=500, seed=0)
+    assert better["dice"]["difference"] == pytest.approx(1 - 2 * 720 / (2 * 720 + 720))  # pooled: B has tp 720 of 1440
+    assert 0 < better["dice"]["low"] < better["dice"]["difference"] < better["dice"]["high"]
+    assert better["dice"]["p"] < 0.01 and better["f1_weighted"]["p"] < 0.01
+    worse = paired_bootstrap(half, good, resamples=500, seed=0)
+    assert worse["dice"]["difference"] == -better["dice"]["difference"] and worse["dice"]["high"] < 0
+    with pytest.raises(ValueError, match="same images"):
+        paired_bootstrap(good, half.iloc[:-1], resamples=10, seed=0)

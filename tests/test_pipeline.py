@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import time
 
 import mlflow
 import numpy as np
@@ -144,3 +145,26 @@ def test_the_archive_content_is_pipeline_state_and_a_rejected_archive_loses_noth
     # Back to the good archive: up to date, nothing re-runs but the fingerprint.
     back = sh("dvc", "repro", "preprocess", cwd=repo, env={**env, "BUSI_ARCHIVE": str(changed_zip)})
     assert "Running stage 'fetch'" not in back and snapshot(repo) == good
+
+
+def test_two_queued_experiments_run_at_once_on_a_fresh_store(dvc_repo):
+    """`dvc queue start -j 2` on a repository without mlflow.db: both workers open the store at once, and both
+    experiments succeed (the store is created under a lock)."""
+    repo, env = dvc_repo
+    env = {**env, "OMP_NUM_THREADS": "1"}  # each worker takes its share of the cores
+    sh("dvc", "repro", "preprocess", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data", cwd=repo)
+    assert not (repo / "mlflow.db").exists()
+    for name, lr in (("one", "0.002"), ("two", "0.003")):
+        sh("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", cwd=repo, env=env)
+    sh("dvc", "queue", "start", "-j", "2", cwd=repo, env=env)
+    deadline = time.monotonic() + 600
+    while True:
+        status = sh("dvc", "queue", "status", cwd=repo, env=env)
+        if "Running" not in status and "Queued" not in status or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    sh("dvc", "queue", "stop", cwd=repo, env=env)
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    assert run_names(repo) == ["resnet18-scse-one", "resnet18-scse-two"]

@@ -38,6 +38,11 @@ def test_real_split_keeps_every_group_of_copies_in_one_split(real_archive, tmp_p
     for row in rows:
         splits_of_group[row["group"]].add(row["split"])
     assert all(len(s) == 1 for s in splits_of_group.values())
+    folds_of_group = collections.defaultdict(set)  # cross-validation folds: a group of copies in one fold
+    for row in rows:
+        folds_of_group[row["group"]].add(row["fold"])
+        assert (row["fold"] == "-1") == (row["split"] == "test")  # every train+val image in exactly one fold
+    assert all(len(f) == 1 for f in folds_of_group.values())
     # The byte-identical pair of the archive is one group, filed under two classes: a conflict, dropped.
     assert report["conflicts"]["members"]["benign (433)"] == ["benign (433)", "malignant (145)"]
     assert len(rows) == 780 - report["conflicts"]["images"]

@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
 
+    cmd = commands.add_parser("cross-validate", help="train every fold of train+val, score the fold ensemble on test")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
+    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="its fold column")
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
+    cmd.add_argument("--out", type=Path, default=Path("cv/results"),
+                     help="folds/ (checkpoints), predictor/ (the fold ensemble), cv.json, test.json, per_image.csv")
+
     cmd = commands.add_parser("evaluate", help="test-split metrics at the original resolution, plots, MLflow")
     cmd.add_argument("--data", type=Path, default=Path("data/processed"))
     cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
@@ -128,6 +135,13 @@ def run(args: argparse.Namespace, params) -> str:
         summary = train(args.data, params, args.out, args.metrics, args.history)
         best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best"].items())
         return f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {best}; MLflow run {summary['run_id']}"
+    if args.command == "cross-validate":
+        from busi.stages.cross_validate import cross_validate
+
+        result = cross_validate(args.data, args.splits, args.masks, params, args.out)
+        folds = ", ".join(f"{k} {result['mean'][k]:.3f} ± {result['sd'][k]:.3f}" for k in ("dice", "f1_weighted"))
+        return (f"{result['folds']} folds, validation {folds}; ensemble test dice {result['test']['dice']:.3f}, "
+                f"f1_weighted {result['test']['f1_weighted']:.3f}; MLflow run {result['run_id']}")
     if args.command == "check-metrics":
         from busi.commands.check_metrics import check_metrics
 

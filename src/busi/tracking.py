@@ -5,9 +5,11 @@ Records go to the repository's mlflow.db (or MLFLOW_TRACKING_URI), also from DVC
 temporary copies of the repository under .dvc/tmp/exps/.
 """
 
+import fcntl
 import json
 import os
 import subprocess
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,20 +59,65 @@ def shown_uri(uri: str) -> str:
     return parts._replace(netloc=netloc, query="***" if parts.query else "").geturl()
 
 
-def start_run(params: Params, run_id: str | None = None) -> str:
-    """Start a run, or resume `run_id` (a training restarted after a kill continues its own run)."""
-    mlflow.set_tracking_uri(tracking_uri())
-    set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi")
+def start_run(params: Params, run_id: str | None = None, parent_run_id: str | None = None, suffix: str = "") -> str:
+    """Start a run (a child of `parent_run_id`, a fold of a cross-validation, when given), or resume `run_id`
+    (a training restarted after a kill continues its own run)."""
+    open_store()
     if run_id:
         return mlflow.start_run(run_id=run_id).info.run_id
+    name, tags = run_name_and_tags(params, suffix)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(run_name=name, tags=tags)
+    mlflow.log_params(flatten(params.model_dump(mode="json")))
+    return run.info.run_id
+
+
+def start_parent_run(params: Params, suffix: str) -> str:
+    """A run that holds others (the folds of a cross-validation), created without becoming the active run; it
+    stays RUNNING until log_evaluation (or end_parent_run) closes it."""
+    open_store()
+    name, tags = run_name_and_tags(params, suffix)
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(experiment_name()).experiment_id
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    for key, value in flatten(params.model_dump(mode="json")).items():
+        client.log_param(run_id, key, value)
+    return run_id
+
+
+def end_parent_run(run_id: str, status: str) -> None:
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def run_name_and_tags(params: Params, suffix: str) -> tuple[str, dict]:
     exp_name = os.environ.get("DVC_EXP_NAME")
-    name = f"{params.model.encoder}-{params.model.attention or 'plain'}" + (f"-{exp_name}" if exp_name else "")
+    name = (f"{params.model.encoder}-{params.model.attention or 'plain'}{suffix}"
+            + (f"-{exp_name}" if exp_name else ""))
     commit = git("rev-parse", "HEAD", cwd=project_root())
     tags = {"git_commit": commit, "mlflow.source.git.commit": commit, "dvc_exp_name": exp_name,
             "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV")}
-    run = mlflow.start_run(run_name=name, tags={key: value for key, value in tags.items() if value})
-    mlflow.log_params(flatten(params.model_dump(mode="json")))
-    return run.info.run_id
+    return name, {key: value for key, value in tags.items() if value}
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
+
+
+def open_store() -> None:
+    """Point MLflow at the store and make sure the experiment exists. On a local sqlite store this happens under
+    a file lock: parallel workers (`dvc queue start -j 2`) would otherwise both create its tables at once and
+    one fails (alembic's "Online migration expected to match one row")."""
+    mlflow.set_tracking_uri(tracking_uri())
+    uri = urlparse(mlflow.get_tracking_uri())
+    if uri.scheme != "sqlite":
+        set_experiment(experiment_name())
+        return
+    lock = Path(uri.path[1:] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        set_experiment(experiment_name())
 
 
 def set_experiment(name: str) -> None:
@@ -147,17 +194,19 @@ def training_run_id(train_metrics_json: Path) -> str:
 
 
 def log_evaluation(run_id: str, metrics: dict, val_metrics: dict, tables: dict[str, pd.DataFrame],
-                   figures: dict[str, Figure], predictor_dir: Path, serving) -> str:
+                   figures: dict[str, Figure], predictor_dir: Path, serving, extra: dict | None = None) -> str:
     """Add an evaluation to the training's run: every numeric leaf of the test metrics as `test.<dotted.key>` and
     of the validation metrics as `val.<dotted.key>` (booleans as tags), the tables, the figures, and the predictor
-    as the run's MLflow model (`serving`: the busi.model.serving module). Returns the model's URI."""
+    as the run's MLflow model (`serving`: the busi.model.serving module); `extra` metrics as they are named.
+    Returns the model's URI."""
     flat, val_flat = flatten(metrics), flatten(val_metrics)
     # start_run refuses a run outside the active experiment (one set earlier in this process, or by the environment)
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     mlflow.start_run(run_id=run_id)
     try:  # not the context manager: a failure here must not mark the training run FAILED
         mlflow.log_metrics({f"test.{k}": v for k, v in flat.items() if is_number(v)}
-                           | {f"val.{k}": v for k, v in val_flat.items() if is_number(v)})
+                           | {f"val.{k}": v for k, v in val_flat.items() if is_number(v)}
+                           | {k: v for k, v in flatten(extra or {}).items() if is_number(v)})
         mlflow.set_tags({f"test.{k}": str(v) for k, v in flat.items() if isinstance(v, bool)})
         for name, table in tables.items():
             log_table(run_id, table, name)
@@ -230,6 +279,16 @@ def finished_runs(experiment: str) -> tuple[list[Run], int, str]:
         raise BusiError(f"MLflow experiment {experiment!r} ({shown_uri(uri)}) has no finished runs: "
                         "train a model first")
     return finished, len(runs) - len(finished), shown_uri(uri)
+
+
+def load_table(run_id: str, name: str) -> pd.DataFrame | None:
+    """A table a run logged with log_table (pandas' split layout), or None where it has none."""
+    client = mlflow.MlflowClient(tracking_uri())
+    if name not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory(prefix="busi-table-") as tmp:
+        table = json.loads(Path(client.download_artifacts(run_id, name, tmp)).read_text())
+    return pd.DataFrame(table["data"], columns=table["columns"])
 
 
 def metric_history(run_id: str, key: str) -> dict[int, float]:

@@ -4,6 +4,11 @@ Reads the experiment's FINISHED runs: their params (logged flattened by busi.tra
 `val_*` histories, and the `test.*` metrics that the evaluate stage logs into the training run. Writes
 reports/study.md with one row per evaluated run beside the study's own Table 1, and
 reports/study_val_curves.png. Finished runs without any test metric are listed under the table as not evaluated.
+
+Cross-validated configurations (`python -m busi cross-validate`: a parent run whose children are the folds) get
+a table of their own: the fold mean ± sd on validation, the fold ensemble's test metrics with 95% intervals, the
+time, and each row's paired comparison with the best row (by mean validation Dice) on the same test images
+(busi.evaluation.metrics.paired_bootstrap).
 """
 
 import math
@@ -15,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 
 from busi import tracking
-from busi.evaluation.metrics import METRICS
+from busi.evaluation.metrics import METRICS, PAIRED, paired_bootstrap
 from busi.files import atomic_file
 
 # (metric under test.<key>, column title); the first four are the study's columns.
@@ -27,17 +32,23 @@ STUDY = [["VGG16 + attention", "0.41", "0.58", "0.95", "0.877"],
          ["ResNet50, no attention", "0.43", "0.60", "0.95", "0.80"],
          ["DPN68 + attention", "0.59", "0.74", "0.96", "0.81"]]
 CURVES = [("val_loss", "validation loss"), ("val_iou", "validation IoU")]
+PAIRED_RESAMPLES, PAIRED_SEED = 2000, 0
 
 
 def report(out_md: Path, experiment: str | None = None) -> Path:
     """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it; returns `out_md`."""
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
     finished, unfinished, uri = tracking.finished_runs(name)
+    cross_validated = [run for run in finished if "cv.mean.dice" in run.data.metrics]
+    # Folds are shown through their parent; parents have no curves of their own.
+    finished = [run for run in finished if "mlflow.parentRunId" not in run.data.tags and run not in cross_validated]
     curves = read_curves(finished)
     figure = Path(out_md).with_name(f"{Path(out_md).stem}_val_curves.png")
     with atomic_file(figure) as tmp:
         plot_curves(finished, curves).savefig(tmp, format="png", dpi=120)  # tmp has no .png suffix
     text = markdown(name, uri, finished, curves, unfinished, figure.name)
+    if cross_validated:
+        text = text.replace("## The study's Table 1", cv_section(cross_validated) + "## The study's Table 1", 1)
     with atomic_file(out_md) as tmp:
         tmp.write_text(text)
     return Path(out_md)
@@ -105,6 +116,52 @@ def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished:
         "",
     ]
     return "\n".join(lines)
+
+
+def cv_section(runs: list[Run]) -> str:
+    """The cross-validated configurations, best mean validation Dice first, each compared with the best."""
+    runs = sorted(runs, key=lambda run: run.data.metrics["cv.mean.dice"], reverse=True)
+    cases = {run.info.run_id: tracking.load_table(run.info.run_id, "test_per_image.json") for run in runs}
+    best = runs[0]
+    header = ["run", "encoder", "attention", "size", "folds", "val Dice (mean ± sd)", "val F1 (mean ± sd)",
+              "test IoU", "test Dice", "test weighted F1", "minutes",
+              *(f"Δ {name} vs best [95% CI], p" for name in ("Dice", "F1"))]
+    rows = []
+    for run in runs:
+        m = run.data.metrics
+        if run is best:
+            paired = ["(best)", "(best)"]
+        elif cases[run.info.run_id] is None or cases[best.info.run_id] is None:
+            paired = ["no per-image table", ""]
+        else:
+            try:
+                comparison = paired_bootstrap(cases[run.info.run_id], cases[best.info.run_id], PAIRED_RESAMPLES,
+                                              PAIRED_SEED)
+                paired = [f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p {c['p']:.3f}"
+                          + (" *" if c["low"] > 0 or c["high"] < 0 else "")
+                          for c in (comparison[name] for name in PAIRED)]
+            except ValueError:
+                paired = ["other test images", ""]
+        rows.append([f"{run.info.run_name} (`{run.info.run_id[:8]}`)", param(run, "model.encoder"),
+                     param(run, "model.attention"), param(run, "preprocess.image_size"),
+                     param(run, "split.folds"), *(mean_sd(m, key) for key in ("dice", "f1_weighted")),
+                     *(with_interval(m, key) for key in ("iou", "dice", "f1_weighted")),
+                     plain(m, "cv.minutes"), *paired])
+    return "\n".join([
+        "## Cross-validated configurations (fold ensembles)",
+        "",
+        "Mean ± sd over the folds of train+val (each fold validated by the network that did not train on it),",
+        "then the fold ensemble's test metrics with 95% bootstrap intervals, and the paired difference with the",
+        "best row on the same test images (paired bootstrap; * = the interval excludes zero: beyond noise).",
+        "",
+        *table(header, rows),
+        "",
+        "",
+    ])
+
+
+def mean_sd(metrics: dict[str, float], key: str) -> str:
+    return f"{metrics[f'cv.mean.{key}']:.3f} ± {metrics.get(f'cv.sd.{key}', math.nan):.3f}"
 
 
 def is_evaluated(run: Run) -> bool:

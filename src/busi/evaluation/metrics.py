@@ -32,7 +32,10 @@ METRICS = (  # the study's four columns first
     Metric("per_class.malignant.dice", "malignant Dice"),
     Metric("normal_fp_rate", "normal FP rate"),
 )
-CASE_COLUMNS = ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px", "predicted_area_px"]
+# The per-image table (metrics/plots/per_image.csv, the MLflow table): the pixel counts let pooled metrics be
+# recomputed over any subset of images (bootstrap, paired comparisons).
+CASE_COLUMNS = ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px", "predicted_area_px",
+                "tp", "fp", "fn", "tn"]
 
 
 def lookup(metrics: dict, key: str):
@@ -136,3 +139,37 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int) -> dict:
         low, high = np.nanpercentile(np.array(draws), [2.5, 97.5], axis=0)
     return {name: {"low": float(lo), "high": float(hi)}
             for name, lo, hi in zip(names, low, high, strict=True) if np.isfinite(lo)}
+
+
+PAIRED = ("dice", "f1_weighted")  # what two models are compared on, image by image
+
+
+def paired_bootstrap(cases_a: pd.DataFrame, cases_b: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """Model A minus model B on the same images, for each metric of PAIRED: the difference, its 95% percentile
+    interval over `resamples` draws of images with replacement (the same draw for both models: the pairing),
+    and a two-sided bootstrap p-value (twice the share of draws on the far side of zero, at most 1). A
+    difference is beyond noise when its interval excludes zero."""
+    a = cases_a.set_index("image_id")
+    b = cases_b.set_index("image_id").reindex(a.index)
+    if b["label"].isna().any() or len(a) != len(cases_b):
+        raise ValueError("paired comparison needs the same images on both sides")
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        rows = rng.integers(0, len(a), len(a))
+        draws.append([paired_values(a.iloc[rows], name) - paired_values(b.iloc[rows], name) for name in PAIRED])
+    draws = np.array(draws, dtype=float).reshape(-1, len(PAIRED))
+    out = {}
+    for i, name in enumerate(PAIRED):
+        column = draws[:, i][np.isfinite(draws[:, i])]
+        low, high = np.percentile(column, [2.5, 97.5]) if len(column) else (np.nan, np.nan)
+        tail = min((column <= 0).mean(), (column >= 0).mean()) if len(column) else np.nan
+        out[name] = {"difference": float(paired_values(a, name) - paired_values(b, name)), "low": float(low),
+                     "high": float(high), "p": float(min(1.0, 2 * tail))}
+    return out
+
+
+def paired_values(cases: pd.DataFrame, name: str) -> float:
+    if name == "f1_weighted":
+        return f1_weighted(cases["label"], cases["predicted_label"])
+    return segmentation_metrics(cases).get(name, np.nan)

@@ -31,11 +31,13 @@ from busi.model.network import build_model
 MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy) is maximised
 
 
-def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path, history_path: Path) -> dict:
-    """Train, write best.pt/last.pt in out_dir, the per-epoch history CSV and the summary JSON; returns it."""
+def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path, history_path: Path,
+          parent_run_id: str | None = None, run_suffix: str = "") -> dict:
+    """Train, write best.pt/last.pt in out_dir, the per-epoch history CSV and the summary JSON; returns it.
+    A fold of a cross-validation is an MLflow child of `parent_run_id`, its run name ending in `run_suffix`."""
     cfg = params.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use
+    torch.set_num_threads(thread_count())
     amp_dtype = autocast_dtype(cfg.precision, device)
     train_arrays, val_arrays = load_split(processed_dir, "train"), load_split(processed_dir, "val")
     if cfg.max_train_images:  # a seeded random subset, for quick smoke runs
@@ -72,7 +74,7 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             scheduler.load_state_dict(state["scheduler"])
             history, best, run_id, start = state["history"], state["best"], state["run_id"], state["epoch"] + 1
             print(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({out_dir / 'last.pt'})")
-    run_id = tracking.start_run(params, run_id)
+    run_id = tracking.start_run(params, run_id, parent_run_id, run_suffix)
 
     try:
         augment = train_transform(params.augment, cfg.seed)
@@ -192,6 +194,13 @@ def ema_with_warmup(decay: float):
         n = num_averaged.item()
         get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, num_averaged)
     return update
+
+
+def thread_count() -> int:
+    """OMP_NUM_THREADS when it is set (give each of N parallel workers its share: `OMP_NUM_THREADS=1 dvc queue
+    start -j 2` on 2 cores), else every core this process may use (its CPU affinity, not the machine's count)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

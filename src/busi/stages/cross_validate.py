@@ -1,0 +1,138 @@
+"""Stage cross_validate (cv/dvc.yaml, not part of the default `dvc repro`): the params' configuration trained on
+every fold of train+val, and its fold ensemble scored once on the test split, as nnU-Net reports a model.
+
+1. For each fold of data/splits.csv (group-aware, stratified: copies of a scan never straddle two folds), train
+   on the other folds and validate on it (busi.stages.train, unchanged: each fold is an MLflow child run).
+2. Predict every train+val image with the network that did not see it: the out-of-fold (OOF) predictions.
+   The post-processing is decided on them (busi.evaluation.postprocessing.decide), as evaluate decides it on the
+   validation split; each fold's metrics under it give the mean ± sd.
+3. The fold ensemble: every fold's network, probabilities averaged, with that post-processing, is one predictor
+   (`<out>/predictor`, and the parent run's MLflow model) that predict and serving use like a single model;
+   scored once on the test split, with 95% bootstrap intervals.
+"""
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from busi import BusiError, tracking
+from busi.config import Params
+from busi.data.arrays import load_split, read_references
+from busi.evaluation import figures, postprocessing
+from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci, lookup, summary
+from busi.files import atomic_file
+from busi.model import serving
+from busi.model.predictor import Predictor
+from busi.stages.train import train
+
+FOLD_METRICS = ("dice", "iou", "dice_per_image", "f1_weighted", "accuracy")  # mean ± sd over the folds
+
+
+def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Params, out_dir: Path) -> dict:
+    """Train every fold, decide the post-processing on the OOF predictions, write and score the fold ensemble;
+    returns the summary written to `<out_dir>/cv.json`."""
+    started = time.perf_counter()
+    pool = concatenate(load_split(data_dir, "train"), load_split(data_dir, "val"))
+    test = load_split(data_dir, "test")
+    fold_of = folds_of(pool["ids"], splits_csv)
+    folds = sorted(set(fold_of.tolist()))
+    if len(folds) < 2:
+        raise BusiError(f"{splits_csv}: train+val holds {len(folds)} fold(s); cross-validation needs at least 2")
+    out_dir = Path(out_dir)
+    parent = tracking.start_parent_run(params, suffix=f"-cv{len(folds)}")
+    try:
+        networks, configs, oof = [], [], {flip: [None] * len(folds) for flip in (False, True)}
+        for i, fold in enumerate(folds):
+            held = fold_of == fold
+            print(f"cross-validate: fold {fold} ({held.sum()} held out, {(~held).sum()} to train)", flush=True)
+            fold_dir = out_dir / "folds" / f"fold-{fold}"
+            with tempfile.TemporaryDirectory(prefix="busi-fold-") as tmp:
+                np.savez(Path(tmp) / "train.npz", **subset(pool, ~held))
+                np.savez(Path(tmp) / "val.npz", **subset(pool, held))
+                train(Path(tmp), params, fold_dir, fold_dir / "train.json", fold_dir / "history.csv",
+                      parent_run_id=parent, run_suffix=f"-fold{fold}")
+            fold_predictor = Predictor.from_checkpoints([fold_dir / "best.pt"])
+            fold_predictor.to("cuda" if torch.cuda.is_available() else "cpu")
+            for flip in (False, True):
+                oof[flip][i] = fold_predictor.probabilities(pool["images"][held], flip=flip)
+            networks += fold_predictor.networks
+            configs += fold_predictor.configs
+
+        order = np.concatenate([np.flatnonzero(fold_of == fold) for fold in folds])  # OOF rows are in fold order
+        pool = subset(pool, order)
+        fold_of = fold_of[order]
+        stacked = {flip: tuple(np.concatenate(part) for part in zip(*oof[flip], strict=True)) for flip in oof}
+        references = read_references(masks_dir, pool)
+        chosen, decisions = postprocessing.decide(lambda flip: stacked[flip], pool, references, params.evaluate)
+        print(f"cross-validate: chosen on the out-of-fold predictions: {chosen.describe()}", flush=True)
+        oof_metrics, oof_cases, _ = postprocessing.score(chosen, *stacked[chosen.flip_tta], pool, references)
+        per_fold = [fold_metrics(oof_cases, stacked[chosen.flip_tta][1], fold_of == fold) for fold in folds]
+
+        ensemble = Predictor(networks, configs, chosen, {"mlflow_run_id": parent, "folds": folds,
+                                                         "checkpoints": [f"folds/fold-{f}/best.pt" for f in folds]})
+        print(f"cross-validate: scoring the {len(folds)}-fold ensemble on {len(test['labels'])} test images",
+              flush=True)
+        test_references = read_references(masks_dir, test)
+        metrics, cases, masks = postprocessing.score(chosen, *ensemble.probabilities(test["images"]), test,
+                                                     test_references)
+        metrics |= {"ci95": bootstrap_ci(cases, params.evaluate.bootstrap, params.evaluate.seed),
+                    "postprocessing": chosen.to_dict() | decisions}
+        result = {"folds": len(folds), "minutes": round((time.perf_counter() - started) / 60, 2),
+                   "mean": {name: float(np.nanmean([f.get(name, np.nan) for f in per_fold])) for name in FOLD_METRICS},
+                   "sd": {name: float(np.nanstd([f.get(name, np.nan) for f in per_fold], ddof=1))
+                          for name in FOLD_METRICS},
+                   "per_fold": dict(zip(map(str, folds), per_fold, strict=True)), "oof": oof_metrics}
+        write_outputs(out_dir, ensemble, result, metrics, cases)
+        drawn = {"figure2_contours.png": figures.cases_figure(cases, test, test_references, masks,
+                                                              params.evaluate.figure_cases)}
+        tables = {"test_per_image.json": cases[CASE_COLUMNS]}
+        model_uri = tracking.log_evaluation(parent, metrics, oof_metrics, tables, drawn, out_dir / "predictor",
+                                            serving, extra={"cv": {k: result[k] for k in ("mean", "sd")},
+                                                            "cv.minutes": result["minutes"]})
+    except BaseException as err:
+        tracking.end_parent_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    return result | {"test": metrics, "run_id": parent, "model_uri": model_uri}
+
+
+def folds_of(ids: np.ndarray, splits_csv: Path) -> np.ndarray:
+    try:
+        table = pd.read_csv(splits_csv, dtype={"image_id": str})
+        fold = dict(zip(table["image_id"], table["fold"].astype(int), strict=True))
+    except (OSError, ValueError, KeyError) as err:
+        raise BusiError(f"{splits_csv}: cannot read the folds ({type(err).__name__}: {err}); "
+                        "run `dvc repro split`") from None
+    missing = [str(i) for i in ids if fold.get(str(i), -1) < 0]
+    if missing:
+        raise BusiError(f"{splits_csv}: {len(missing)} train/val images have no fold (e.g. {missing[0]!r}); "
+                        "run `dvc repro split preprocess`")
+    return np.array([fold[str(i)] for i in ids])
+
+
+def concatenate(*splits: dict) -> dict:
+    return {key: np.concatenate([split[key] for split in splits]) for key in splits[0]}
+
+
+def subset(arrays: dict, rows) -> dict:
+    return {key: value[rows] for key, value in arrays.items()}
+
+
+def fold_metrics(cases: pd.DataFrame, class_probabilities: np.ndarray, held: np.ndarray) -> dict:
+    metrics = summary(cases[held].reset_index(drop=True), class_probabilities[held])
+    return {name: lookup(metrics, name) for name in FOLD_METRICS if lookup(metrics, name) is not None}
+
+
+def write_outputs(out_dir: Path, ensemble: Predictor, result: dict, metrics: dict, cases: pd.DataFrame) -> None:
+    ensemble.save(out_dir / "predictor")
+    with atomic_file(out_dir / "cv.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_file(out_dir / "test.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    with atomic_file(out_dir / "per_image.csv") as tmp:
+        cases[CASE_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
+

@@ -1,0 +1,90 @@
+"""Cross-validation on synthetic data: every fold trained as an MLflow child of one parent run, the
+post-processing decided on the out-of-fold predictions, the fold ensemble one predictor scored on test."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from busi import BusiError
+from busi.commands.report import report
+from busi.data.arrays import load_split
+from busi.model.predictor import Predictor, load_predictor
+from busi.stages.cross_validate import cross_validate
+from busi.stages.train import thread_count
+from conftest import tiny_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, tmp_path, store):
+    splits = processed.parent / "splits.csv"  # 2 folds (conftest)
+    params = tiny_params(epochs=1)
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap": 20})})
+    result = cross_validate(processed, splits, processed.parent / "masks", params, tmp_path / "cv")
+
+    assert result["folds"] == 2 and set(result["per_fold"]) == {"0", "1"}
+    for name in ("dice", "f1_weighted"):
+        values = [result["per_fold"][fold][name] for fold in ("0", "1")]
+        assert result["mean"][name] == pytest.approx(np.mean(values))
+        assert result["sd"][name] == pytest.approx(np.std(values, ddof=1))
+    written = json.loads((tmp_path / "cv/cv.json").read_text())
+    assert written["mean"] == result["mean"] and written["oof"]["images"] == sum(
+        len(load_split(processed, s)["labels"]) for s in ("train", "val"))  # every train+val image, once
+    test = json.loads((tmp_path / "cv/test.json").read_text())
+    assert test["images"] == len(load_split(processed, "test")["labels"]) and "dice" in test["ci95"]
+
+    # The ensemble: both folds' networks, probabilities averaged; what predict and serving load.
+    ensemble = load_predictor(tmp_path / "cv/predictor")
+    folds = [Predictor.from_checkpoints([tmp_path / f"cv/folds/fold-{k}/best.pt"]) for k in (0, 1)]
+    assert len(ensemble.networks) == 2
+    images = load_split(processed, "test")["images"][:4]
+    masks, classes = ensemble.probabilities(images, flip=False)
+    parts = [fold.probabilities(images, flip=False) for fold in folds]
+    np.testing.assert_allclose(masks, (parts[0][0] + parts[1][0]) / 2, atol=1e-6)
+    np.testing.assert_allclose(classes, (parts[0][1] + parts[1][1]) / 2, atol=1e-6)
+
+    # MLflow: one parent with the fold mean ± sd, the ensemble's test metrics and model; a child run per fold.
+    parent = store.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "resnet18-scse-cv2"
+    assert parent.data.metrics["cv.mean.dice"] == pytest.approx(result["mean"]["dice"])
+    assert parent.data.metrics["test.dice"] == pytest.approx(test["dice"])
+    assert parent.data.tags["busi.model_uri"].startswith("models:/")
+    children = store.search_runs([parent.info.experiment_id],
+                                 filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert sorted(run.info.run_name for run in children) == ["resnet18-scse-fold0", "resnet18-scse-fold1"]
+    assert all(run.info.status == "FINISHED" for run in children)
+
+    # The report: one row per cross-validated configuration, each compared with the best on the same images.
+    cases = pd.read_csv(tmp_path / "cv/per_image.csv", dtype={"image_id": str})
+    worse = cases.assign(tp=0, fn=cases.tp + cases.fn, predicted_label="normal")  # finds no lesion at all
+    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name="worse-cv2"):
+        mlflow.log_metrics({"cv.mean.dice": -1.0, "cv.sd.dice": 0.0, "cv.mean.f1_weighted": 0.0,
+                            "cv.sd.f1_weighted": 0.0, "test.dice": 0.0})
+        mlflow.log_table(worse, "test_per_image.json")
+    text = report(tmp_path / "study.md").read_text()
+    section = text.split("## Cross-validated configurations (fold ensembles)")[1].split("## The study")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| resnet18") or line.startswith("| worse")]
+    assert rows[0].startswith("| resnet18-scse-cv2") and "(best)" in rows[0]
+    assert rows[1].startswith("| worse-cv2") and "-" in rows[1].split("|")[-3]
+    assert "fold0" not in text  # folds are shown through their parent
+
+
+def test_a_split_without_folds_is_one_error(processed, tmp_path, store):
+    (tmp_path / "splits.csv").write_text("image_id,label,split,group,fold\n")
+    with pytest.raises(BusiError, match="splits.csv: .* train/val images have no fold"):
+        cross_validate(processed, tmp_path / "splits.csv", processed.parent / "masks", tiny_params(), tmp_path / "cv")
+
+
+def test_threads_follow_omp_num_threads_else_the_cpu_affinity(monkeypatch):
+    """N parallel workers share the cores when each is given OMP_NUM_THREADS: they do not each take all."""
+    import os
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert thread_count() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert thread_count() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert thread_count() == len(os.sched_getaffinity(0))
