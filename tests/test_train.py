@@ -40,9 +40,12 @@ def test_outputs_checkpoints_and_mlflow_run(processed, tmp_path, store):
 
 
 def test_the_moving_average_is_validated_and_saved_beside_the_raw_weights(processed, tmp_path, store):
-    summary = train(processed, tiny_params(epochs=1, ema=0.5), tmp_path / "models", tmp_path / "train.json",
-                    tmp_path / "history.csv")
+    summary = train(processed, tiny_params(epochs=1, ema=0.5, validate_raw=True), tmp_path / "models",
+                    tmp_path / "train.json", tmp_path / "history.csv")
     assert {"val_raw_dice", "val_raw_iou", "val_raw_accuracy"} <= set(summary["best"])
+    quiet = train(processed, tiny_params(epochs=1, ema=0.5), tmp_path / "quiet", tmp_path / "quiet.json",
+                  tmp_path / "quiet.csv")
+    assert not any(key.startswith("val_raw_") for key in quiet["best"])  # only when asked: it costs a pass
     best = torch.load(tmp_path / "models/best.pt", weights_only=True)
     last = torch.load(tmp_path / "models/last.pt", weights_only=True)
     averaged = {key.removeprefix("module."): value for key, value in last["ema"].items() if key != "n_averaged"}

@@ -96,6 +96,7 @@ class TrainParams(Section):
     monitor: Literal["val_dice", "val_iou", "val_loss", "val_accuracy"]  # picks the best checkpoint
     patience: int = Field(ge=1)  # early stopping: epochs without a better monitor value
     ema: float = Field(ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 turns it off
+    validate_raw: bool  # with EMA, also validate the raw weights each epoch (val_raw_* in the history)
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where the CPU supports it, AMP on CUDA
     max_train_images: int = Field(ge=0)  # 0: all; a smaller number makes quick smoke runs
 

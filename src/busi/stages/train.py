@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
     cfg = params.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(thread_count())
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     amp_dtype = autocast_dtype(cfg.precision, device)
     train_arrays, val_arrays = load_split(processed_dir, "train"), load_split(processed_dir, "val")
     if cfg.max_train_images:  # a seeded random subset, for quick smoke runs
@@ -85,14 +87,14 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             torch.manual_seed(cfg.seed + epoch)
             augment.set_random_seed(cfg.seed + epoch)
             drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
-            batches = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last)
+            batches = loader(train_data, cfg.batch_size, device, cfg.seed + epoch, shuffle=True, drop_last=drop_last)
             train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, ema, desc=f"epoch {epoch}")
-            val_batches = DataLoader(val_data, batch_size=cfg.batch_size)
+            val_batches = loader(val_data, cfg.batch_size, device, cfg.seed + epoch)
             val_stats = run_epoch(ema.module if ema else model, val_batches, loss_fn, device, amp_dtype)
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
                    "lr": optimizer.param_groups[0]["lr"]}
-            if ema is not None:  # the raw weights too, to show what the average adds
+            if ema is not None and cfg.validate_raw:  # the raw weights too, to show what the average adds
                 raw_stats = run_epoch(model, val_batches, loss_fn, device, amp_dtype)
                 row |= {f"val_raw_{k}": raw_stats[k] for k in ("dice", "iou", "accuracy")}
             history.append(row)
@@ -149,13 +151,15 @@ def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=No
     """One pass over `batches`: trains when an optimizer is given (updating `ema` after each step), else
     evaluates. Pooled IoU/Dice over pixels."""
     model.train(optimizer is not None)
-    total_loss, seen, correct, stats = 0.0, 0, 0, torch.zeros(4, dtype=torch.long)
+    # Running sums stay on the device: no host synchronisation per step (only the terminal's bar reads them).
+    total_loss, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+    correct, stats = torch.zeros((), dtype=torch.long, device=device), torch.zeros(4, dtype=torch.long, device=device)
     started = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty())
     with torch.set_grad_enabled(optimizer is not None):
         for images, masks, labels in bar:
-            images = images.to(device, memory_format=torch.channels_last)
-            masks, labels = masks.to(device), labels.to(device)
+            images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
+            masks, labels = masks.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 mask_logits, class_logits = model(images)
                 loss = loss_fn(mask_logits, class_logits, masks, labels)
@@ -165,15 +169,17 @@ def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=No
                 optimizer.step()
                 if ema is not None:
                     ema.update_parameters(model)
-            total_loss += loss.item() * len(images)
+            total_loss += loss.detach().double() * len(images)
             seen += len(images)
-            correct += (class_logits.argmax(1) == labels).sum().item()
+            correct += (class_logits.argmax(1) == labels).sum()
             tp, fp, fn, tn = smp.metrics.get_stats(mask_logits.detach().float().sigmoid(), masks.long(),
                                                    mode="binary", threshold=0.5)
-            stats += torch.stack([tp.sum(), fp.sum(), fn.sum(), tn.sum()]).cpu()
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", iou=f"{iou(stats):.3f}",
-                            img_s=f"{seen / (time.perf_counter() - started):.1f}")
-    return {"loss": total_loss / seen, "iou": iou(stats), "dice": dice(stats), "accuracy": correct / seen,
+            stats += torch.stack([tp.sum(), fp.sum(), fn.sum(), tn.sum()])
+            if not bar.disable:
+                bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", iou=f"{iou(stats.cpu()):.3f}",
+                                img_s=f"{seen / (time.perf_counter() - started):.1f}")
+    stats = stats.cpu()
+    return {"loss": total_loss.item() / seen, "iou": iou(stats), "dice": dice(stats), "accuracy": correct.item() / seen,
             "images_per_s": seen / (time.perf_counter() - started)}
 
 
@@ -194,6 +200,21 @@ def ema_with_warmup(decay: float):
         n = num_averaged.item()
         get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, num_averaged)
     return update
+
+
+def loader(data: SegmentationDataset, batch_size: int, device: torch.device, seed: int, shuffle: bool = False,
+           drop_last: bool = False) -> DataLoader:
+    """Batches in the main process on the CPU (where workers would only compete with the model for the cores);
+    on CUDA, augmentation in worker processes into pinned memory, each worker's augmentation seeded apart."""
+    workers = min(4, thread_count()) if device.type == "cuda" else 0
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
+                      pin_memory=device.type == "cuda", worker_init_fn=partial(seed_worker, seed) if workers else None)
+
+
+def seed_worker(seed: int, worker: int) -> None:
+    transform = torch.utils.data.get_worker_info().dataset.transform
+    if transform is not None:
+        transform.set_random_seed(seed * 1000 + worker)
 
 
 def thread_count() -> int:
