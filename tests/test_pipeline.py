@@ -168,3 +168,17 @@ def test_two_queued_experiments_run_at_once_on_a_fresh_store(dvc_repo):
     sh("dvc", "queue", "stop", cwd=repo, env=env)
     assert status.count("Success") == 2 and "Failed" not in status, status
     assert run_names(repo) == ["resnet18-scse-one", "resnet18-scse-two"]
+
+
+def test_cross_validation_is_its_own_pipeline(dvc_repo):
+    """`dvc repro cv/dvc.yaml` prepares the data and cross-validates; the default `dvc repro` never does."""
+    repo, env = dvc_repo
+    shutil.copytree(REPO / "cv", repo / "cv", ignore=shutil.ignore_patterns("results"))
+    out = sh("dvc", "repro", "cv/dvc.yaml", cwd=repo, env=env)
+    assert "Running stage 'cv/dvc.yaml:cross_validate'" in out and "Running stage 'train'" not in out
+    assert (repo / "cv/results/predictor/predictor.json").is_file()
+    assert len(list((repo / "cv/results/predictor").glob("network-*.safetensors"))) == 2  # split.folds: 2
+    again = sh("dvc", "repro", "cv/dvc.yaml", cwd=repo, env=env)
+    assert "cross_validate" not in "".join(line for line in again.splitlines() if "Running stage" in line)
+    default = sh("dvc", "stage", "list", cwd=repo, env=env)  # what a plain `dvc repro` reproduces
+    assert "cross_validate" not in default and "train" in default
