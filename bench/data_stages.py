@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["fetch", "merge_masks", "split", "preprocess"]
+STAGES = ["source", "fetch", "merge_masks", "split", "preprocess"]
 
 
 def timed(*args: str, cwd: Path, env: dict) -> float:
