@@ -202,5 +202,6 @@ def plot_curves(runs: list[Run], curves: dict[str, dict[str, dict[int, float]]])
             ax.plot(list(values), list(values.values()), marker=".", label=label)
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[-1].legend(fontsize="small")
+    if axes[-1].has_data():
+        axes[-1].legend(fontsize="small")
     return fig

@@ -23,9 +23,9 @@ def archive_path() -> Path | None:
     if not value:
         return None
     path = Path(value).expanduser()
-    if path.is_symlink() or not (path.is_file() or path.is_dir()):
-        raise BusiError(f"BUSI_ARCHIVE={value}: no such file or folder (symbolic links are not followed)")
-    return path
+    if not (path.is_file() or path.is_dir()):
+        raise BusiError(f"BUSI_ARCHIVE={value}: no such file or folder")
+    return path  # the path you name may be a link; links inside a source folder are refused (fetch)
 
 
 def source(out_json: Path) -> dict:
