@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from busi import BusiError
-from busi.evaluation.metrics import METRICS
+from busi.evaluation.metrics import METRICS, lookup
 
 TOLERANCES = {metric.key: metric.tolerance for metric in METRICS if metric.tolerance is not None}
 
@@ -29,12 +29,10 @@ def read_metrics(path: Path) -> dict:
     return metrics
 
 
-def lookup(metrics: dict, key: str, path: Path) -> float:
-    value = metrics
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise BusiError(f"{path}: metric {key!r} missing")
-        value = value[part]
+def number(metrics: dict, key: str, path: Path) -> float:
+    value = lookup(metrics, key)
+    if value is None:
+        raise BusiError(f"{path}: metric {key!r} missing")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BusiError(f"{path}: metric {key!r} is not a number (got {value!r})")
     return float(value)
@@ -46,7 +44,7 @@ def check_metrics(new_path: Path, baseline_path: Path) -> tuple[str, list[str]]:
     rows = ["| metric | baseline | new | change | tolerance | status |", "|---|---|---|---|---|---|"]
     regressed = []
     for key, tolerance in TOLERANCES.items():
-        before, after = lookup(baseline, key, baseline_path), lookup(new, key, new_path)
+        before, after = number(baseline, key, baseline_path), number(new, key, new_path)
         change = after - before
         ok = change >= -tolerance
         if not ok:
