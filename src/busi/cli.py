@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        params = load_params(args.params)  # validated before any work starts
+        # Validated before any work starts; predict, report and check-metrics read no params and run anywhere.
+        params = None if args.command in ("predict", "report", "check-metrics") else load_params(args.params)
         summary = run(args, params)
     except BusiError as err:
         print(f"error: {err}", file=sys.stderr)
