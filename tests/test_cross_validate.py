@@ -49,8 +49,9 @@ def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, tmp_path
     # MLflow: one parent with the fold mean ± sd, the ensemble's test metrics and model; a child run per fold.
     parent = store.get_run(result["run_id"])
     assert parent.info.status == "FINISHED" and parent.info.run_name == "resnet18-scse-cv2"
-    assert parent.data.metrics["cv.mean.dice"] == pytest.approx(result["mean"]["dice"])
-    assert parent.data.metrics["test.dice"] == pytest.approx(test["dice"])
+    assert parent.data.metrics["cv/dice_mean"] == pytest.approx(result["mean"]["dice"])
+    assert parent.data.metrics["cv/f1_weighted_sd"] == pytest.approx(result["sd"]["f1_weighted"])
+    assert parent.data.metrics["test/dice"] == pytest.approx(test["dice"])
     assert parent.data.tags["busi.model_uri"].startswith("models:/")
     children = store.search_runs([parent.info.experiment_id],
                                  filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
@@ -61,8 +62,8 @@ def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, tmp_path
     cases = pd.read_csv(tmp_path / "cv/per_image.csv", dtype={"image_id": str})
     worse = cases.assign(tp=0, fn=cases.tp + cases.fn, predicted_label="normal")  # finds no lesion at all
     with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name="worse-cv2"):
-        mlflow.log_metrics({"cv.mean.dice": -1.0, "cv.sd.dice": 0.0, "cv.mean.f1_weighted": 0.0,
-                            "cv.sd.f1_weighted": 0.0, "test.dice": 0.0})
+        mlflow.log_metrics({"cv/dice_mean": -1.0, "cv/dice_sd": 0.0, "cv/f1_weighted_mean": 0.0,
+                            "cv/f1_weighted_sd": 0.0, "test/dice": 0.0})
         mlflow.log_table(worse, "test_per_image.json")
     text = report(tmp_path / "study.md").read_text()
     section = text.split("## Cross-validated configurations (fold ensembles)")[1].split("## The study")[0]

@@ -300,10 +300,15 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     assert [r["lesion_area_px"] for r in records] == list(per_image.predicted_area_px)
 
     run = store.get_run(summary["run_id"])  # the training's own run
-    assert run.data.metrics["test.dice"] == pytest.approx(metrics["dice"])
-    assert run.data.metrics["test.ci95.dice.low"] == pytest.approx(metrics["ci95"]["dice"]["low"])
-    assert run.data.metrics["test.per_class.malignant.dice"] == pytest.approx(metrics["per_class"]["malignant"]["dice"])
-    assert "val_dice" in run.data.metrics and run.info.status == "FINISHED"
+    assert run.data.metrics["test/dice"] == pytest.approx(metrics["dice"])
+    assert run.data.metrics["test_ci95/dice_low"] == pytest.approx(metrics["ci95"]["dice"]["low"])
+    per_class = metrics["per_class"]
+    assert run.data.metrics["test_detail/per_class.malignant.dice"] == pytest.approx(per_class["malignant"]["dice"])
+    assert run.data.metrics["test_detail/per_class.benign.iou"] == pytest.approx(per_class["benign"]["iou"])
+    assert "val/dice" in run.data.metrics and run.info.status == "FINISHED"
+    # Every metric sits in a section of the run page (the part before "/"): the curves, the evaluation's.
+    sections = {name.split("/")[0] for name in run.data.metrics}
+    assert sections == {"train", "val", "test", "test_ci95", "test_detail", "val_eval", "val_eval_detail"}
     artifacts = {artifact.path for artifact in store.list_artifacts(run.info.run_id)}
     assert {"test_metrics.json", "test_per_image.json", "figure1_loss_iou.png", "figure2_contours.png"} <= artifacts
     assert run.data.tags["busi.model_uri"].startswith("models:/")

@@ -10,12 +10,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from busi import BusiError
+from busi import BusiError, tracking
 from busi.commands.report import plot_curves, read_curves, report
 from busi.stages.train import train
 from conftest import REPO, SIZE, run_env, tiny_params
 
-# What the evaluate stage logs into the training run (test.<key> from metrics/test.json), for two runs.
+# What the evaluate stage logs into the training run (metrics/test.json, named by busi.tracking), for two runs.
 TEST_METRICS = {
     "resnet18-scse": {"iou": 0.41234, "dice": 0.58, "pixel_accuracy": 0.951, "f1_weighted": 0.877,
                       "dice_per_image": 0.55, "ci95.dice.low": 0.52, "ci95.dice.high": 0.635, "ci95.iou.low": 0.35,
@@ -23,7 +23,7 @@ TEST_METRICS = {
     "resnet18-plain": {"iou": 0.5, "dice": 0.66, "pixel_accuracy": 0.96, "f1_weighted": 0.8},
     "no-lesion": {"pixel_accuracy": 0.99, "images": 3},  # a test split without lesions: no Dice, no IoU
 }
-# And the validation split's (val.<key> from metrics/val.json): runs are ranked on these, where they exist.
+# And the validation split's (metrics/val.json): runs are ranked on these, where they exist.
 VAL_METRICS = {"resnet18-scse": {"dice": 0.7, "f1_weighted": 0.75}}
 
 
@@ -56,15 +56,13 @@ def study(processed, tmp_path_factory):  # noqa: F811
     run_ids = {name: summary["run_id"] for name, summary in summaries.items()}
     for name, status in [("no-lesion", "FINISHED"), ("not-evaluated", "FINISHED"), ("crashed", "FAILED")]:
         run_ids[name] = client.create_run(experiment, run_name=name).info.run_id
-        client.log_metric(run_ids[name], "val_loss", 1.0, timestamp=1000, step=1)
-        client.log_metric(run_ids[name], "val_loss", 0.5, timestamp=2000, step=1)  # epoch 1 again, resumed
+        client.log_metric(run_ids[name], "val/loss", 1.0, timestamp=1000, step=1)
+        client.log_metric(run_ids[name], "val/loss", 0.5, timestamp=2000, step=1)  # epoch 1 again, resumed
         client.set_terminated(run_ids[name], status)
-    for name, metrics in TEST_METRICS.items():
-        for key, value in metrics.items():
-            client.log_metric(run_ids[name], f"test.{key}", value)
-    for name, metrics in VAL_METRICS.items():
-        for key, value in metrics.items():
-            client.log_metric(run_ids[name], f"val.{key}", value)
+    for split, logged in (("test", TEST_METRICS), ("val_eval", VAL_METRICS)):
+        for name, metrics in logged.items():
+            for key, value in tracking.evaluation_names(split, metrics).items():
+                client.log_metric(run_ids[name], key, value)
     return root, uri, summaries
 
 
@@ -104,7 +102,7 @@ def test_table_has_one_row_per_evaluated_run_beside_the_study(store, tmp_path):
         [f"resnet18-plain (`{plain['run_id'][:8]}`)", "resnet18", "none", "none", "64",
          f"3 / {plain['best_epoch']}", "–", "–", "0.500", "0.660", "0.960", "0.800", "–", "–", "–", "–"],
     ]
-    assert "Not evaluated (no `test.*` metrics; their curves are in the figure): not-evaluated (`" in text
+    assert "Not evaluated (no test metrics; their curves are in the figure): not-evaluated (`" in text
     assert "crashed" not in text and "left out: 1 runs not finished" in text
     study = table_rows(text, "## The study's Table 1")
     assert len(study) == 5 and study[0] == ["VGG16 + attention", "0.41", "0.58", "0.95", "0.877"]

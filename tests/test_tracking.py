@@ -79,7 +79,9 @@ def test_run_records_params_metrics_curves_and_tags(repo, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "mobilenet_v2-scse"
-    assert client.get_experiment(run.info.experiment_id).name == "busi"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "busi"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
     assert run.data.tags["git_commit"] == git("rev-parse", "HEAD", cwd=repo)
     assert "dvc_exp_name" not in run.data.tags
     logged = run.data.params
@@ -92,7 +94,7 @@ def test_run_records_params_metrics_curves_and_tags(repo, tmp_path):
         f"train.{k}": str(v) for k, v in params.train.model_dump().items()}
     assert not any(value.startswith("{") for value in logged.values())  # every section flattened to leaves
     for key in ("val_loss", "train_iou", "val_dice", "val_accuracy", "lr"):
-        history = client.get_metric_history(run_id, key)
+        history = client.get_metric_history(run_id, tracking.curve_name(key))
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
             (row["epoch"], row[key]) for row in HISTORY]
     assert "epoch" not in run.data.metrics
@@ -132,7 +134,7 @@ def test_resuming_appends_to_the_same_run(repo):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "mobilenet_v2-scse"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "val_dice")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/dice")) == [1, 2, 3]
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
 
 
@@ -170,3 +172,15 @@ def test_credentials_in_a_tracking_uri_never_reach_a_message(tmp_path, monkeypat
         assert "s3cret" not in str(err.value)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_metric_names_make_sections_of_the_run_page():
+    assert [tracking.curve_name(c) for c in ("train_loss", "val_dice", "val_raw_iou", "lr", "train_images_per_s")] == [
+        "train/loss", "val/dice", "val_raw/iou", "train/lr", "train/images_per_s"]
+    metrics = {"dice": 0.7, "images": 115, "ci95": {"dice": {"low": 0.6, "high": 0.8}},
+               "per_class": {"malignant": {"dice": 0.5, "iou": 0.33}}, "postprocessing": {"flip_tta": True}}
+    assert tracking.evaluation_names("test", metrics) == {
+        "test/dice": 0.7, "test/images": 115, "test_ci95/dice_low": 0.6, "test_ci95/dice_high": 0.8,
+        "test_detail/per_class.malignant.dice": 0.5, "test_detail/per_class.malignant.iou": 0.33}  # booleans: tags
+    assert tracking.cv_names({"mean": {"dice": 0.7}, "sd": {"dice": 0.1}, "minutes": 3.5, "folds": 5}) == {
+        "cv/dice_mean": 0.7, "cv/dice_sd": 0.1, "cv/minutes": 3.5}

@@ -36,7 +36,7 @@ def test_outputs_checkpoints_and_mlflow_run(processed, tmp_path, store):
     assert mask_logits.shape == (2, 1, SIZE, SIZE) and class_logits.shape == (2, 3)
     run = store.get_run(summary["run_id"])
     assert run.data.params["train.epochs"] == "2"
-    assert [m.step for m in store.get_metric_history(run.info.run_id, "val_dice")] == [1, 2]
+    assert [m.step for m in store.get_metric_history(run.info.run_id, "val/dice")] == [1, 2]
 
 
 def test_the_moving_average_is_validated_and_saved_beside_the_raw_weights(processed, tmp_path, store):
@@ -87,7 +87,7 @@ def test_killed_training_resumes_from_the_last_finished_epoch(processed, tmp_pat
     assert final["history"][: killed_at["epoch"]] == killed_at["history"]  # the finished epochs are kept
     assert final["run_id"] == killed_at["run_id"]  # the same MLflow run continues
     assert final["ema"]["n_averaged"] > killed_at["ema"]["n_averaged"]  # the average went on, not restarted
-    steps = [m.step for m in store.get_metric_history(final["run_id"], "train_loss")]
+    steps = [m.step for m in store.get_metric_history(final["run_id"], "train/loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
 
 

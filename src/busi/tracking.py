@@ -28,6 +28,7 @@ EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --queue/--temp` copies t
 # What the served model imports (busi.model and what it uses), pinned to the versions trained with.
 SERVING_PACKAGES = ("mlflow", "torch", "segmentation-models-pytorch", "timm", "pydantic", "pyyaml", "numpy", "pandas",
                     "scikit-learn", "opencv-python-headless", "pillow", "safetensors")
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: what the experiment page opens on
 MAX_RUNS = 50_000  # MLflow's largest page; a study has tens of runs
 
 
@@ -121,14 +122,16 @@ def open_store() -> None:
 
 
 def set_experiment(name: str) -> None:
-    """Like mlflow.set_experiment, but a new experiment on a local sqlite store keeps its artifacts beside the
-    database, not in the working directory (which, for a queued DVC experiment, is deleted afterwards)."""
+    """Like mlflow.set_experiment, but a new experiment is marked as model training (MLflow 3's UI then opens it
+    on its runs, not on its GenAI overview), and on a local sqlite store keeps its artifacts beside the database,
+    not in the working directory (which, for a queued DVC experiment, is deleted afterwards)."""
     if mlflow.get_experiment_by_name(name) is None:
         uri = urlparse(mlflow.get_tracking_uri())
+        artifacts = None
         if uri.scheme == "sqlite":
             db = Path(uri.path[1:])  # sqlite:////abs/mlflow.db or sqlite:///relative/mlflow.db
             artifacts = (db.parent / "mlruns").resolve().as_uri()
-            mlflow.create_experiment(name, artifact_location=artifacts)
+        mlflow.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND: "custom_model_development"})
     mlflow.set_experiment(name)
 
 
@@ -151,9 +154,59 @@ def git(*args: str, cwd: Path) -> str | None:
     return done.stdout.strip()
 
 
+# Metric names. The MLflow run page makes a section of each prefix before a "/": the curves (`train/`, `val/`,
+# `val_raw/`), one value per epoch; the evaluation's top-level metrics (`test/`, `val_eval/`: the validation split
+# scored as the test split is), their 95% intervals (`test_ci95/`), the nested ones such as per class
+# (`test_detail/`, `val_eval_detail/`); a cross-validation's parent run adds `cv/`. Every name is made, and read
+# back, here.
+CURVE_SPLITS = ("val_raw", "train", "val")  # history columns: <split>_<metric>; `lr` belongs to training
+
+
+def curve_name(column: str) -> str:
+    """A history column as an MLflow metric: train_loss -> train/loss, val_raw_dice -> val_raw/dice, lr -> train/lr."""
+    split = next((s for s in CURVE_SPLITS if column.startswith(f"{s}_")), None)
+    return f"{split}/{column[len(split) + 1:]}" if split else f"train/{column}"
+
+
+def evaluation_names(split: str, metrics: dict) -> dict[str, float]:
+    """The numeric leaves of an evaluation's metrics (metrics/test.json's layout) under `split`'s sections."""
+    names = {}
+    for key, value in flatten(metrics).items():
+        if not is_number(value):
+            continue
+        if "." not in key:
+            names[f"{split}/{key}"] = value
+        elif key.startswith("ci95."):  # ci95.<metric>.<low|high>
+            metric, bound = key.removeprefix("ci95.").rsplit(".", 1)
+            names[f"{split}_ci95/{metric}_{bound}"] = value
+        else:
+            names[f"{split}_detail/{key}"] = value
+    return names
+
+
+def metric(run: Run, split: str, key: str, bound: str | None = None) -> float | None:
+    """A run's evaluation metric as evaluation_names named it (`bound`: "low"/"high" of its 95% interval)."""
+    name = f"{split}_ci95/{key}_{bound}" if bound else f"{split}_detail/{key}" if "." in key else f"{split}/{key}"
+    return run.data.metrics.get(name)
+
+
+def has_evaluation(run: Run) -> bool:
+    return any(name.startswith("test/") for name in run.data.metrics)
+
+
+def cv_names(cv: dict) -> dict[str, float]:
+    names = {f"cv/{key}_{stat}": value for stat in ("mean", "sd") for key, value in cv.get(stat, {}).items()}
+    return names | ({"cv/minutes": cv["minutes"]} if "minutes" in cv else {})
+
+
+def cv_metric(run: Run, key: str, stat: str) -> float | None:
+    """A cross-validation's fold `stat` ("mean", "sd") of `key`, or its "minutes"; None for other runs."""
+    return run.data.metrics.get("cv/minutes" if stat == "minutes" else f"cv/{key}_{stat}")
+
+
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     """One history row: the epoch is the step, not a metric of its own."""
-    mlflow.log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step=epoch)
+    mlflow.log_metrics({curve_name(key): value for key, value in metrics.items() if key != "epoch"}, step=epoch)
 
 
 def log_curves(history: list[dict[str, float]]) -> None:
@@ -194,19 +247,19 @@ def training_run_id(train_metrics_json: Path) -> str:
 
 
 def log_evaluation(run_id: str, metrics: dict, val_metrics: dict, tables: dict[str, pd.DataFrame],
-                   figures: dict[str, Figure], predictor_dir: Path, serving, extra: dict | None = None) -> str:
-    """Add an evaluation to the training's run: every numeric leaf of the test metrics as `test.<dotted.key>` and
-    of the validation metrics as `val.<dotted.key>` (booleans as tags), the tables, the figures, and the predictor
-    as the run's MLflow model (`serving`: the busi.model.serving module); `extra` metrics as they are named.
+                   figures: dict[str, Figure], predictor_dir: Path, serving, cv: dict | None = None) -> str:
+    """Add an evaluation to the training's run: the test and validation metrics (evaluation_names; booleans, such
+    as the post-processing decisions, as `test.<key>` tags), the tables, the figures, and the predictor as the
+    run's MLflow model (`serving`: the busi.model.serving module); for a cross-validation's parent run, `cv`
+    (busi.stages.cross_validate's summary) as `cv/<metric>_mean`, `cv/<metric>_sd` and `cv/minutes`.
     Returns the model's URI."""
-    flat, val_flat = flatten(metrics), flatten(val_metrics)
+    flat = flatten(metrics)
     # start_run refuses a run outside the active experiment (one set earlier in this process, or by the environment)
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     mlflow.start_run(run_id=run_id)
     try:  # not the context manager: a failure here must not mark the training run FAILED
-        mlflow.log_metrics({f"test.{k}": v for k, v in flat.items() if is_number(v)}
-                           | {f"val.{k}": v for k, v in val_flat.items() if is_number(v)}
-                           | {k: v for k, v in flatten(extra or {}).items() if is_number(v)})
+        mlflow.log_metrics(evaluation_names("test", metrics) | evaluation_names("val_eval", val_metrics)
+                           | cv_names(cv or {}))
         mlflow.set_tags({f"test.{k}": str(v) for k, v in flat.items() if isinstance(v, bool)})
         for name, table in tables.items():
             log_table(run_id, table, name)
@@ -291,8 +344,9 @@ def load_table(run_id: str, name: str) -> pd.DataFrame | None:
     return pd.DataFrame(table["data"], columns=table["columns"])
 
 
-def metric_history(run_id: str, key: str) -> dict[int, float]:
-    """{step: value}; a resumed run may have logged a step twice: its last value counts."""
-    metrics = sorted(mlflow.MlflowClient(tracking_uri()).get_metric_history(run_id, key),
+def metric_history(run_id: str, column: str) -> dict[int, float]:
+    """{epoch: value} of a history column (`val_loss`); a resumed run may have logged an epoch twice: its last
+    value counts."""
+    metrics = sorted(mlflow.MlflowClient(tracking_uri()).get_metric_history(run_id, curve_name(column)),
                      key=lambda m: (m.step, m.timestamp))
     return {m.step: m.value for m in metrics}

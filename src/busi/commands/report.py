@@ -1,7 +1,8 @@
 """`python -m busi report`: the study's comparison table and the validation curves of every MLflow run.
 
 Reads the experiment's FINISHED runs: their params (logged flattened by busi.tracking), their per-epoch
-`val_*` histories, and the `test.*` metrics that the evaluate stage logs into the training run. Writes
+validation curves, and the test and validation metrics that the evaluate stage logs into the training run
+(named and read back by busi.tracking). Writes
 reports/study.md with one row per evaluated run beside the study's own Table 1, and
 reports/study_val_curves.png. Finished runs without any test metric are listed under the table as not evaluated.
 
@@ -39,7 +40,7 @@ def report(out_md: Path, experiment: str | None = None) -> Path:
     """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it; returns `out_md`."""
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
     finished, unfinished, uri = tracking.finished_runs(name)
-    cross_validated = [run for run in finished if "cv.mean.dice" in run.data.metrics]
+    cross_validated = [run for run in finished if tracking.cv_metric(run, "dice", "mean") is not None]
     # Folds are shown through their parent; parents have no curves of their own.
     finished = [run for run in finished if "mlflow.parentRunId" not in run.data.tags and run not in cross_validated]
     curves = read_curves(finished)
@@ -76,18 +77,18 @@ def epochs(run: Run, curves: dict[str, dict[int, float]]) -> str:
 
 
 def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished: int, figure: str) -> str:
-    # Ranked on validation, where choices are made (runs evaluated before val.* metrics existed come last).
+    # Ranked on validation, where choices are made.
     evaluated = sorted((run for run in finished if is_evaluated(run)), reverse=True,
-                       key=lambda run: (run.data.metrics.get("val.dice", -math.inf),
-                                        run.data.metrics.get("test.dice", -math.inf)))
+                       key=lambda run: (rank(tracking.metric(run, "val_eval", "dice")),
+                                        rank(tracking.metric(run, "test", "dice"))))
     not_evaluated = [run for run in finished if not is_evaluated(run)]
     header = ["run", "encoder", "attention", "weights", "size", "epochs (run / best)", "val Dice", "val F1",
               *(t for _, t in COLUMNS)]
     rows = [[f"{run.info.run_name} (`{run.info.run_id[:8]}`)", param(run, "model.encoder"),
              param(run, "model.attention"), param(run, "model.encoder_weights"),
              param(run, "preprocess.image_size"), epochs(run, curves[run.info.run_id]),
-             *(plain(run.data.metrics, f"val.{key}") for key in ("dice", "f1_weighted")),
-             *(with_interval(run.data.metrics, key) for key, _ in COLUMNS)] for run in evaluated]
+             *(plain(tracking.metric(run, "val_eval", key)) for key in ("dice", "f1_weighted")),
+             *(with_interval(run, key) for key, _ in COLUMNS)] for run in evaluated]
     lines = [
         "# BUSI segmentation: our runs beside the study",
         "",
@@ -103,7 +104,7 @@ def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished:
         "",
     ]
     if not_evaluated:
-        lines += ["Not evaluated (no `test.*` metrics; their curves are in the figure): "
+        lines += ["Not evaluated (no test metrics; their curves are in the figure): "
                   + ", ".join(f"{run.info.run_name} (`{run.info.run_id[:8]}`)" for run in not_evaluated) + ".", ""]
     lines += [
         "## The study's Table 1 (test split), for reference",
@@ -120,7 +121,7 @@ def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished:
 
 def cv_section(runs: list[Run]) -> str:
     """The cross-validated configurations, best mean validation Dice first, each compared with the best."""
-    runs = sorted(runs, key=lambda run: run.data.metrics["cv.mean.dice"], reverse=True)
+    runs = sorted(runs, key=lambda run: tracking.cv_metric(run, "dice", "mean"), reverse=True)
     cases = {run.info.run_id: tracking.load_table(run.info.run_id, "test_per_image.json") for run in runs}
     best = runs[0]
     header = ["run", "encoder", "attention", "size", "folds", "val Dice (mean ± sd)", "val F1 (mean ± sd)",
@@ -128,7 +129,6 @@ def cv_section(runs: list[Run]) -> str:
               *(f"Δ {name} vs best [95% CI], p" for name in ("Dice", "F1"))]
     rows = []
     for run in runs:
-        m = run.data.metrics
         if run is best:
             paired = ["(best)", "(best)"]
         elif cases[run.info.run_id] is None or cases[best.info.run_id] is None:
@@ -144,9 +144,9 @@ def cv_section(runs: list[Run]) -> str:
                 paired = ["other test images", ""]
         rows.append([f"{run.info.run_name} (`{run.info.run_id[:8]}`)", param(run, "model.encoder"),
                      param(run, "model.attention"), param(run, "preprocess.image_size"),
-                     param(run, "split.folds"), *(mean_sd(m, key) for key in ("dice", "f1_weighted")),
-                     *(with_interval(m, key) for key in ("iou", "dice", "f1_weighted")),
-                     plain(m, "cv.minutes"), *paired])
+                     param(run, "split.folds"), *(mean_sd(run, key) for key in ("dice", "f1_weighted")),
+                     *(with_interval(run, key) for key in ("iou", "dice", "f1_weighted")),
+                     plain(tracking.cv_metric(run, "", "minutes")), *paired])
     return "\n".join([
         "## Cross-validated configurations (fold ensembles)",
         "",
@@ -160,13 +160,13 @@ def cv_section(runs: list[Run]) -> str:
     ])
 
 
-def mean_sd(metrics: dict[str, float], key: str) -> str:
-    return f"{metrics[f'cv.mean.{key}']:.3f} ± {metrics.get(f'cv.sd.{key}', math.nan):.3f}"
+def mean_sd(run: Run, key: str) -> str:
+    return f"{number(tracking.cv_metric(run, key, 'mean')):.3f} ± {number(tracking.cv_metric(run, key, 'sd')):.3f}"
 
 
 def is_evaluated(run: Run) -> bool:
     # Any test metric: evaluate leaves Dice and IoU out when the test split has no lesion at all.
-    return any(key.startswith("test.") for key in run.data.metrics)
+    return tracking.has_evaluation(run)
 
 
 def param(run: Run, key: str) -> str:
@@ -174,16 +174,23 @@ def param(run: Run, key: str) -> str:
     return "none" if value == "None" else value  # a null in params.yaml is logged as "None"
 
 
-def plain(metrics: dict[str, float], key: str) -> str:
-    value = metrics.get(key)
+def rank(value: float | None) -> float:
+    return -math.inf if value is None or math.isnan(value) else value
+
+
+def number(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def plain(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def with_interval(metrics: dict[str, float], key: str) -> str:
-    value = metrics.get(f"test.{key}")
+def with_interval(run: Run, key: str) -> str:
+    value = tracking.metric(run, "test", key)
     if value is None or math.isnan(value):
         return "–"
-    low, high = metrics.get(f"test.ci95.{key}.low"), metrics.get(f"test.ci95.{key}.high")
+    low, high = tracking.metric(run, "test", key, "low"), tracking.metric(run, "test", key, "high")
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
 
 

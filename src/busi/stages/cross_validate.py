@@ -92,8 +92,7 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
                                                               params.evaluate.figure_cases)}
         tables = {"test_per_image.json": cases[CASE_COLUMNS]}
         model_uri = tracking.log_evaluation(parent, metrics, oof_metrics, tables, drawn, out_dir / "predictor",
-                                            serving, extra={"cv": {k: result[k] for k in ("mean", "sd")},
-                                                            "cv.minutes": result["minutes"]})
+                                            serving, cv=result)
     except BaseException as err:
         tracking.end_parent_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
