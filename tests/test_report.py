@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -116,9 +117,7 @@ def test_table_has_one_row_per_evaluated_run_beside_the_study(store, tmp_path):
 
 def test_figure_overlays_every_finished_runs_validation_curves(store):
     root, summaries = store
-    client = MlflowClient()
-    runs = [r for r in client.search_runs([client.get_experiment_by_name("busi").experiment_id])
-            if r.info.status == "FINISHED"]
+    runs, _, _ = tracking.finished_runs("busi")
     fig = plot_curves(runs, read_curves(runs))
     loss, iou = fig.axes
     assert (loss.get_title(), iou.get_title()) == ("validation loss", "validation IoU")
@@ -133,6 +132,19 @@ def test_figure_overlays_every_finished_runs_validation_curves(store):
             assert [v for _, v in drawn] == pytest.approx([v for _, v in history], abs=1e-6)
     resumed = next(line for line in loss.get_lines() if line.get_label().startswith("not-evaluated"))
     assert list(resumed.get_ydata()) == [0.5]  # an epoch logged twice: the later value
+
+
+def test_the_report_is_logged_to_one_run_of_the_experiment(store, tmp_path):
+    first = report(tmp_path / "one" / "study.md", None).read_text()
+    second = report(tmp_path / "two" / "study.md", None).read_text()
+    assert second == first  # the report's own run is not a row
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("busi").experiment_id
+    logged = client.search_runs([experiment], filter_string="tags.`busi.report` = 'study'")
+    assert [run.info.run_name for run in logged] == ["study-report"]  # one run, updated by the second report
+    run_id = logged[0].info.run_id
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["study.md", "study_val_curves.png"]
+    assert Path(client.download_artifacts(run_id, "study.md", str(tmp_path / "dl"))).read_text() == second
 
 
 def test_a_missing_or_empty_experiment_is_one_error(store, tmp_path, monkeypatch):

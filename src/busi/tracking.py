@@ -29,6 +29,7 @@ EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --queue/--temp` copies t
 SERVING_PACKAGES = ("mlflow", "torch", "segmentation-models-pytorch", "timm", "pydantic", "pyyaml", "numpy", "pandas",
                     "scikit-learn", "opencv-python-headless", "pillow", "safetensors")
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: what the experiment page opens on
+REPORT_TAG = "busi.report"  # on the run that holds the report's own files
 MAX_RUNS = 50_000  # MLflow's largest page; a study has tens of runs
 
 
@@ -317,7 +318,8 @@ def download_predictor(uri: str, dst: Path) -> Path:
 
 
 def finished_runs(experiment: str) -> tuple[list[Run], int, str]:
-    """The experiment's FINISHED runs (oldest first), how many others it has, and the store's URI."""
+    """The experiment's FINISHED runs (oldest first) but the report's own, how many others it has, and the store's
+    URI."""
     uri = tracking_uri()
     db = urlparse(uri)
     if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():  # MlflowClient would create an empty one
@@ -327,11 +329,26 @@ def finished_runs(experiment: str) -> tuple[list[Run], int, str]:
     if found is None:
         raise BusiError(f"MLflow experiment {experiment!r} not found in {shown_uri(uri)}: train a model first")
     runs = client.search_runs([found.experiment_id], max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    runs = [run for run in runs if REPORT_TAG not in run.data.tags]
     finished = [run for run in runs if run.info.status == "FINISHED"]
     if not finished:
         raise BusiError(f"MLflow experiment {experiment!r} ({shown_uri(uri)}) has no finished runs: "
                         "train a model first")
     return finished, len(runs) - len(finished), shown_uri(uri)
+
+
+def log_report(experiment: str, files: list[Path]) -> str:
+    """The report's files as artifacts of the experiment's `study-report` run: made by the first report, updated
+    by every later one (files of the same name replaced); tagged so that reports leave it out. Returns its id."""
+    client = mlflow.MlflowClient(tracking_uri())
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'study'", max_results=1)
+    run_id = found[0].info.run_id if found else client.create_run(
+        experiment_id, run_name="study-report", tags={REPORT_TAG: "study"}).info.run_id
+    for file in files:
+        client.log_artifact(run_id, str(file))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def load_table(run_id: str, name: str) -> pd.DataFrame | None:

@@ -4,7 +4,8 @@ Reads the experiment's FINISHED runs: their params (logged flattened by busi.tra
 validation curves, and the test and validation metrics that the evaluate stage logs into the training run
 (named and read back by busi.tracking). Writes
 reports/study.md with one row per evaluated run beside the study's own Table 1, and
-reports/study_val_curves.png. Finished runs without any test metric are listed under the table as not evaluated.
+reports/study_val_curves.png, both also logged to the experiment's `study-report` run. Finished runs without
+any test metric are listed under the table as not evaluated.
 
 Cross-validated configurations (`python -m busi cross-validate`: a parent run whose children are the folds) get
 a table of their own: the fold mean ± sd on validation, the fold ensemble's test metrics with 95% intervals, the
@@ -37,7 +38,8 @@ PAIRED_RESAMPLES, PAIRED_SEED = 2000, 0
 
 
 def report(out_md: Path, experiment: str | None = None) -> Path:
-    """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it; returns `out_md`."""
+    """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it, and log both to the
+    experiment's `study-report` run; returns `out_md`."""
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
     finished, unfinished, uri = tracking.finished_runs(name)
     cross_validated = [run for run in finished if tracking.cv_metric(run, "dice", "mean") is not None]
@@ -52,6 +54,7 @@ def report(out_md: Path, experiment: str | None = None) -> Path:
         text = text.replace("## The study's Table 1", cv_section(cross_validated) + "## The study's Table 1", 1)
     with atomic_file(out_md) as tmp:
         tmp.write_text(text)
+    tracking.log_report(name, [Path(out_md), figure])
     return Path(out_md)
 
 
