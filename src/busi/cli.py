@@ -1,4 +1,10 @@
-"""`python -m busi <command>`: one command per pipeline stage (see dvc.yaml)."""
+"""busi: lesion segmentation and classification on breast ultrasound (BUSI).
+
+The pipeline's stages (dvc.yaml runs them in order; `dvc repro` is the usual way):
+  source, fetch, merge-masks, split, preprocess, train, evaluate
+and the tools around them: cross-validate, predict, report, ablate, check-metrics.
+Run `busi <command> --help` for one command. `python -m busi` is the same program.
+"""
 
 import argparse
 import sys
@@ -8,70 +14,104 @@ from pathlib import Path
 from busi import BusiError
 from busi.config import load_params
 
+# Commands that read params.yaml; the others run from any directory without one.
+NEEDS_PARAMS = {"split", "preprocess", "train", "cross-validate", "evaluate", "ablate"}
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m busi", description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameters file")
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default after its help (none for options without one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="busi", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="parameters file, for the commands that read one (also accepted after the command)")
+    # --params after the command too; SUPPRESS keeps the default above when it is not given there.
+    params_after = argparse.ArgumentParser(add_help=False)
+    params_after.add_argument("--params", type=Path, default=argparse.SUPPRESS,
+                              help="parameters file (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    cmd = commands.add_parser("source", help="fingerprint the archive's content (BUSI_ARCHIVE, else Kaggle) for DVC")
-    cmd.add_argument("--out", type=Path, default=Path("data/source.json"))
+    def command(name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
+        parents = [params_after] if name in NEEDS_PARAMS else []
+        return commands.add_parser(name, help=summary, description=f"{summary}.\n\n{details}".strip(),
+                                   formatter_class=HelpFormatter, parents=parents)
 
-    cmd = commands.add_parser("fetch", help="fetch and verify the raw BUSI archive: $BUSI_ARCHIVE (a .zip or an "
-                              "extracted folder), else Kaggle")
-    cmd.add_argument("--out", type=Path, default=Path("data/raw"))
+    cmd = command("source", "fingerprint the archive's content for DVC (stage source)",
+                  "The archive is $BUSI_ARCHIVE (a .zip or an extracted folder) or, when it is unset, Kaggle's\n"
+                  "public copy. A changed archive changes the fingerprint, and `dvc repro` re-runs fetch.")
+    cmd.add_argument("--out", type=Path, default=Path("data/source.json"), help="the fingerprint (JSON)")
 
-    cmd = commands.add_parser("merge-masks", help="OR every image's mask files into one 0/255 mask")
-    cmd.add_argument("--raw", type=Path, default=Path("data/raw"))
-    cmd.add_argument("--out", type=Path, default=Path("data/masks"))
+    cmd = command("fetch", "fetch and verify the raw BUSI archive (stage fetch)",
+                  "Reads $BUSI_ARCHIVE (a .zip or an extracted folder, e.g.\n"
+                  "BUSI_ARCHIVE=~/Downloads/Dataset_BUSI_with_GT.zip), else downloads Kaggle's public copy\n"
+                  "(aryashah2k/breast-ultrasound-images-dataset; fails fast offline). Every image and mask is checked\n"
+                  "before the previous output is replaced.")
+    cmd.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder")
 
-    cmd = commands.add_parser("split", help="group-aware stratified train/val/test split and folds")
-    cmd.add_argument("--raw", type=Path, default=Path("data/raw"))
-    cmd.add_argument("--out", type=Path, default=Path("data/splits.csv"))
-    cmd.add_argument("--report", type=Path, default=Path("metrics/split.json"))
+    cmd = command("merge-masks", "OR each image's mask files into one 0/255 mask (stage merge_masks)")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="fetch's output")
+    cmd.add_argument("--out", type=Path, default=Path("data/masks"), help="output folder")
 
-    cmd = commands.add_parser("preprocess", help="grayscale, resize and pack each split into one .npz")
-    cmd.add_argument("--raw", type=Path, default=Path("data/raw"))
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
-    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"))
-    cmd.add_argument("--out", type=Path, default=Path("data/processed"))
+    cmd = command("split", "group-aware stratified train/val/test split and cross-validation folds (stage split)",
+                  "Copies of one scan (re-crops, re-scales) are found and kept in one split; params: split.")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="fetch's output")
+    cmd.add_argument("--out", type=Path, default=Path("data/splits.csv"), help="one row per image: split, fold")
+    cmd.add_argument("--report", type=Path, default=Path("metrics/split.json"), help="counts, copies, conflicts")
 
-    cmd = commands.add_parser("train", help="train the U-Net, tracked in MLflow, resumable")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
+    cmd = command("preprocess", "grayscale, resize and pack each split into one .npz (stage preprocess)",
+                  "Images bilinear, masks nearest, to preprocess.image_size.")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="fetch's output")
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
+    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="split's output")
+    cmd.add_argument("--out", type=Path, default=Path("data/processed"), help="output folder")
+
+    cmd = command("train", "train the U-Net, tracked in MLflow, resumable (stage train)",
+                  "Params: model, augment, train. A killed training resumes from last.pt when the params are the\n"
+                  "same. Records go to MLflow (./mlflow.db or $MLFLOW_TRACKING_URI).")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
     cmd.add_argument("--out", type=Path, default=Path("models"), help="checkpoint folder (best.pt, last.pt)")
-    cmd.add_argument("--metrics", type=Path, default=Path("metrics/train.json"))
-    cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
+    cmd.add_argument("--metrics", type=Path, default=Path("metrics/train.json"), help="summary: best epoch, run id")
+    cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"), help="per-epoch curves")
 
-    cmd = commands.add_parser("cross-validate", help="train every fold of train+val, score the fold ensemble on test")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
-    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="its fold column")
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
-    cmd.add_argument("--out", type=Path, default=Path("cv/results"),
-                     help="folds/ (checkpoints), predictor/ (the fold ensemble), cv.json, test.json, per_image.csv")
-
-    cmd = commands.add_parser("evaluate", help="test-split metrics at the original resolution, plots, MLflow")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
-    cmd.add_argument("--model", type=Path, default=Path("models"))
-    cmd.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"))
-    cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"))
-    cmd.add_argument("--out", type=Path, default=Path("metrics/test.json"))
+    cmd = command("evaluate", "decide the post-processing on validation, score the test split (stage evaluate)",
+                  "Metrics at the original resolution with 95% intervals, plots, figures, and the predictor (the\n"
+                  "model predict and serving use), all also logged to the training's MLflow run.")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
+    cmd.add_argument("--model", type=Path, default=Path("models"), help="train's checkpoint folder")
+    cmd.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"), help="train's summary")
+    cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"), help="train's curves")
+    cmd.add_argument("--out", type=Path, default=Path("metrics/test.json"), help="test metrics")
     cmd.add_argument("--val-out", type=Path, default=Path("metrics/val.json"),
                      help="the validation split's metrics under the chosen post-processing (compare runs on these)")
     cmd.add_argument("--plots", type=Path, default=Path("metrics/plots"), help="per-image CSV, confusion CSV")
-    cmd.add_argument("--figures", type=Path, default=Path("reports/figures"))
+    cmd.add_argument("--figures", type=Path, default=Path("reports/figures"), help="the study's figures")
     cmd.add_argument("--predictor", type=Path, default=Path("predictor"),
                      help="where to write the predictor: the network + the post-processing chosen on validation")
 
-    cmd = commands.add_parser("report", help="the study's comparison table and figures from every MLflow run")
-    cmd.add_argument("--out", type=Path, default=Path("reports/study.md"))
-    cmd.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or busi)")
+    cmd = command("cross-validate", "train every fold of train+val, score the fold ensemble once on test",
+                  "The stage of cv/dvc.yaml (`dvc repro cv/dvc.yaml`). Each fold is an MLflow child run of one\n"
+                  "parent run; the post-processing is decided on the out-of-fold predictions.")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
+    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="split's output (its fold column)")
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
+    cmd.add_argument("--out", type=Path, default=Path("cv/results"),
+                     help="folds/ (checkpoints), predictor/ (the fold ensemble), cv.json, test.json, per_image.csv")
 
-    cmd = commands.add_parser("predict", help="masks, overlays, labels and class probabilities for your own images")
+    cmd = command("predict", "masks, overlays, labels and class probabilities for your own images",
+                  "Applies a predictor (the network(s) and the post-processing chosen on validation) to PNG or\n"
+                  "JPEG files of any size; writes <name>_mask.png, <name>_overlay.png and predictions.jsonl.\n"
+                  "Example: busi predict scans/ --out predictions/")
     cmd.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG) or folders of them")
-    cmd.add_argument("--model", default="predictor", help="the evaluate stage's predictor folder (default), another "
-                     "predictor, a training checkpoint folder/file, or an MLflow model URI (models:/...)")
-    cmd.add_argument("--out", type=Path, required=True, help="output folder")
+    cmd.add_argument("--model", default="predictor", help="the evaluate stage's predictor folder, another "
+                     "predictor (cv/results/predictor), a training checkpoint folder/file, or an MLflow model URI")
+    cmd.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     steps = cmd.add_argument_group("post-processing", "default: what the model carries (chosen on validation)")
     steps.add_argument("--threshold", type=float, default=None, help="on the lesion probability")
     steps.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
@@ -81,20 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     steps.add_argument("--label-from-mask", action=argparse.BooleanOptionalAction, default=None,
                        help="no predicted lesion -> normal, else the more probable of benign and malignant")
 
-    cmd = commands.add_parser("ablate", help="validation metrics as each post-processing step is added (no test)")
-    cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"))
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"))
+    cmd = command("report", "the study's comparison table and figures from every MLflow run",
+                  "Writes the markdown report and its curves figure, and logs both to the experiment's\n"
+                  "study-report run. Reads ./mlflow.db or $MLFLOW_TRACKING_URI.")
+    cmd.add_argument("--out", type=Path, default=Path("reports/study.md"), help="the markdown report")
+    cmd.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or busi)")
 
-    cmd = commands.add_parser("check-metrics", help="fail when test metrics drop below a baseline (CI gate)")
+    cmd = command("ablate", "validation metrics as each post-processing step is added (never the test split)")
+    cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
+    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
+    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
+
+    cmd = command("check-metrics", "fail when test metrics drop below a baseline beyond tolerance (the CI gate)")
     cmd.add_argument("new", type=Path, help="new metrics JSON (e.g. metrics/test.json)")
     cmd.add_argument("--baseline", type=Path, required=True, help="committed baseline metrics JSON")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
-        # Validated before any work starts; predict, report and check-metrics read no params and run anywhere.
-        params = None if args.command in ("predict", "report", "check-metrics") else load_params(args.params)
+        params = load_params(args.params) if args.command in NEEDS_PARAMS else None  # validated before any work
         summary = run(args, params)
     except BusiError as err:
         print(f"error: {err}", file=sys.stderr)
