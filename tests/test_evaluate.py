@@ -253,10 +253,12 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
 
     val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
     assert chosen_on == [list(val["ids"])]
-    metrics = json.loads((tmp_path / "test.json").read_text())
-    assert {"images", "iou", "dice", "pixel_accuracy", "dice_per_image", "iou_per_image", "normal_fp_rate",
-            "f1_weighted", "f1_macro", "accuracy", "roc_auc_ovr", "confusion", "per_class", "ci95",
-            "postprocessing"} == set(metrics)
+    headline = {"images", "iou", "dice", "pixel_accuracy", "dice_per_image", "iou_per_image", "normal_fp_rate",
+                "f1_weighted", "f1_macro", "accuracy", "roc_auc_ovr"}
+    metrics = json.loads((tmp_path / "test_detail.json").read_text())
+    assert headline | {"confusion", "per_class", "ci95", "postprocessing"} == set(metrics)
+    # The DVC metrics file holds the headline only: what `dvc metrics show` and `dvc exp show` tabulate.
+    assert json.loads((tmp_path / "test.json").read_text()) == {key: metrics[key] for key in headline}
     assert metrics["images"] == len(test["ids"]) == sum(sum(row.values()) for row in metrics["confusion"].values())
     assert set(metrics["per_class"]) == set(CLASSES) and "dice" in metrics["per_class"]["malignant"]
     assert set(metrics["ci95"]) == set(CI_METRICS) and set(metrics["ci95"]["dice"]) == {"low", "high"}
@@ -264,7 +266,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
                                               "largest_component", "val_dice_with", "val_dice_without",
                                               "label_from_mask", "val_f1_with_mask_label",
                                               "val_f1_without_mask_label"}
-    val_metrics = json.loads((tmp_path / "val.json").read_text())  # what runs are compared on
+    assert set(json.loads((tmp_path / "val.json").read_text())) == headline
+    val_metrics = json.loads((tmp_path / "val_detail.json").read_text())  # what runs are compared on
     assert val_metrics["images"] == len(val["ids"]) and set(val_metrics["per_class"]) == set(CLASSES)
     assert {"dice", "iou", "dice_per_image", "f1_weighted", "accuracy"} <= set(val_metrics)
 

@@ -1,5 +1,7 @@
 """The real `dvc repro` of the data stages, in a temporary git repository, on a synthetic archive."""
 
+import json
+import shlex
 import shutil
 import subprocess
 import time
@@ -62,8 +64,15 @@ def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
         assert f"Running stage '{stage}'" in out
     train = np.load(repo / "data/processed/train.npz")
     assert train["images"].shape[1:] == (64, 64)
-    metrics = sh("dvc", "metrics", "show", cwd=repo, env=env)
-    assert all(name in metrics for name in ["split.json", "train.json", "val.json", "test.json"])
+    assert "INFO" not in out and "Downloading artifacts" not in out  # no MLflow noise in the stage logs
+    metrics = sh("dvc", "metrics", "show", cwd=repo, env={**env, "COLUMNS": "180"})
+    # The headline of validation and test, one readable line each; the detail files are not tabulated.
+    assert [line.split()[0] for line in metrics.splitlines()] == ["Path", "metrics/val.json", "metrics/test.json"]
+    assert max(len(line) for line in metrics.splitlines()) <= 180 and "per_class" not in metrics
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo, env=env))["data"]
+    assert sorted(plots) == sorted(["Loss per epoch", "IoU per epoch", "Validation Dice and accuracy",
+                                    "metrics/plots/confusion.csv", "metrics/plots/per_image.csv",
+                                    "reports/figures/figure1_loss_iou.png", "reports/figures/figure2_contours.png"])
     assert (repo / "models/best.pt").exists() and run_names(repo) == ["resnet18-scse"]
     assert "mlflow.db" not in sh("git", "status", "--porcelain", cwd=repo)  # git-ignored
 
@@ -96,6 +105,15 @@ def test_dvc_experiments_run_train_only_and_land_in_the_root_store(dvc_repo):
     # (the workspace still holds the first experiment, attention=null, when the second is queued)
     assert run_names(repo) == ["resnet18-plain-plain", "resnet18-plain-queued", "resnet18-scse"]
     assert {"plain", "queued"} <= set(sh("dvc", "exp", "list", "--name-only", cwd=repo, env=env).split())
+
+    # The README's recipe for comparing experiments fits a 180-column terminal, nothing cut ("…").
+    recipe = next(line for line in (REPO / "README.md").read_text().splitlines()
+                  if line.startswith("dvc exp show --no-pager --only-changed"))
+    table = sh(*shlex.split(recipe.split("  #")[0]), cwd=repo, env={**env, "COLUMNS": "180"})
+    assert max(len(line) for line in table.splitlines()) <= 180 and "…" not in table
+    header = table.splitlines()[1].split()
+    assert header[0] == "Experiment" and "metrics/test.json:dice" in header and "train.lr" in header
+    assert "[plain]" in table and "[queued]" in table
 
 
 def snapshot(repo) -> dict:

@@ -10,7 +10,7 @@ import time
 import torch
 
 from busi.model.checkpoint import load_checkpoint
-from busi.stages.train import train
+from busi.stages.train import progress_line, train
 from conftest import SIZE, run_env, tiny_params
 
 
@@ -97,3 +97,13 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(processed, tmp_pat
                     tmp_path / "b.csv")
     assert summary["epochs_run"] == 2
     assert summary["run_id"] != json.loads((tmp_path / "a.json").read_text())["run_id"]
+
+
+def test_the_epoch_line_says_what_it_shows():
+    row = {"epoch": 3, "train_loss": 1.23456, "train_iou": 0.3691, "val_loss": 1.0861, "val_iou": 0.419,
+           "val_dice": 0.5912, "val_accuracy": 0.4871, "train_images_per_s": 28.66}
+    best = {"epoch": 2, "val_dice": 0.6}
+    # 20, 22 and 24 s so far: 22 s an epoch on average, 7 epochs to go -> 154 s = 2.57 min at most
+    assert progress_line(row, 10, [20.0, 22.0, 24.0], best, "val_dice") == (
+        "epoch 3/10  train: loss 1.2346 iou 0.369  val: loss 1.0861 iou 0.419 dice 0.591 acc 0.487  |  "
+        "24 s (28.7 img/s), at most 2.6 min left  |  best val_dice 0.600 (epoch 2)")

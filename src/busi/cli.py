@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--model", type=Path, default=Path("models"), help="train's checkpoint folder")
     cmd.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"), help="train's summary")
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"), help="train's curves")
-    cmd.add_argument("--out", type=Path, default=Path("metrics/test.json"), help="test metrics")
+    cmd.add_argument("--out", type=Path, default=Path("metrics/test.json"),
+                     help="test metrics: the headline; all of them in <stem>_detail.json beside it")
     cmd.add_argument("--val-out", type=Path, default=Path("metrics/val.json"),
-                     help="the validation split's metrics under the chosen post-processing (compare runs on these)")
+                     help="the validation split's metrics under the chosen post-processing (compare runs on these); "
+                     "all of them in <stem>_detail.json beside it")
     cmd.add_argument("--plots", type=Path, default=Path("metrics/plots"), help="per-image CSV, confusion CSV")
     cmd.add_argument("--figures", type=Path, default=Path("reports/figures"), help="the study's figures")
     cmd.add_argument("--predictor", type=Path, default=Path("predictor"),

@@ -7,8 +7,10 @@ temporary copies of the repository under .dvc/tmp/exps/.
 
 import fcntl
 import json
+import logging
 import os
 import subprocess
+import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -22,6 +24,12 @@ from mlflow.exceptions import MlflowException
 
 from busi import BusiError
 from busi.config import Params
+
+# MLflow's INFO lines (database creation, input example validation) and, off a terminal, its artifact progress
+# bars are noise in a stage's log; warnings and errors still show.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+if not sys.stderr.isatty():
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PACKAGE = Path(__file__).resolve().parent
 EXP_TMP = (".dvc", "tmp", "exps")  # where `dvc exp run --queue/--temp` copies the repository

@@ -29,8 +29,8 @@ FIGURE_2 = "figure2_contours.png"
 def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_json: Path, history_csv: Path,
              params: EvaluateParams, out_json: Path, plots_dir: Path, figures_dir: Path, val_json: Path,
              predictor_dir: Path) -> tuple[dict, str]:
-    """Write predictor/, test.json, val.json, the plot CSVs and figures, log them to the training's MLflow run;
-    returns the test metrics and the MLflow model URI."""
+    """Write predictor/, test.json and val.json (each with its _detail.json), the plot CSVs and figures, log them
+    to the training's MLflow run; returns the test metrics and the MLflow model URI."""
     run_id = tracking.training_run_id(train_metrics_json)  # before any work: a missing run fails at once
     history = read_history(history_csv)
     if not Path(model_dir).exists():
@@ -65,8 +65,7 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
 
     predictor.save(predictor_dir)
     for path, content in ((out_json, metrics), (val_json, val_metrics)):
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(content, indent=2) + "\n")
+        write_metrics(path, content)
     with atomic_file(Path(plots_dir) / "per_image.csv") as tmp:
         cases[CASE_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
     with atomic_file(Path(plots_dir) / "confusion.csv") as tmp:
@@ -76,9 +75,24 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
     for name, figure in drawn.items():
         with atomic_file(Path(figures_dir) / name) as tmp:
             figure.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png to infer it from
+    print(f"evaluate: logging to MLflow run {run_id}", flush=True)
     model_uri = tracking.log_evaluation(run_id, metrics, val_metrics, tables(metrics, cases), drawn, predictor_dir,
                                        serving)
     return metrics, model_uri
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    """The headline (the top-level numbers: a dozen) to `path`, a DVC metrics file that `dvc metrics show` and
+    `dvc exp show` tabulate; everything (per class, confusion, intervals, post-processing decisions) to
+    `<stem>_detail.json` beside it, which DVC does not tabulate."""
+    headline = {key: value for key, value in metrics.items() if isinstance(value, int | float)}
+    for target, content in ((Path(path), headline), (detail_path(path), metrics)):
+        with atomic_file(target) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def detail_path(path: Path) -> Path:
+    return Path(path).with_name(f"{Path(path).stem}_detail.json")
 
 
 def tables(metrics: dict, cases: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -82,7 +82,9 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         augment = train_transform(params.augment, cfg.seed)
         train_data = SegmentationDataset(train_arrays, augment)
         val_data = SegmentationDataset(val_arrays)
+        seconds = []  # per epoch, in this process: the ETA
         for epoch in range(start, cfg.epochs + 1):
+            epoch_started = time.perf_counter()
             # Seeding per epoch makes a resumed run draw the same batches and augmentations as an uninterrupted one.
             torch.manual_seed(cfg.seed + epoch)
             augment.set_random_seed(cfg.seed + epoch)
@@ -111,9 +113,8 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             save_checkpoint(out_dir / "last.pt", model, network, epoch=epoch, optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
                             fingerprint=fingerprint, finished=finished, **({"ema": ema.state_dict()} if ema else {}))
-            print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  "
-                  f"iou {row['train_iou']:.3f}/{row['val_iou']:.3f}  dice {row['val_dice']:.3f}  "
-                  f"acc {row['val_accuracy']:.3f}  {row['train_images_per_s']:.1f} img/s", flush=True)
+            seconds.append(time.perf_counter() - epoch_started)
+            print(progress_line(row, cfg.epochs, seconds, best, cfg.monitor), flush=True)
             if stop:
                 print(f"early stop: no better {cfg.monitor} for {cfg.patience} epochs")
                 break
@@ -129,6 +130,16 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         raise
     tracking.end_run()
     return summary
+
+
+def progress_line(row: dict, epochs: int, seconds: list[float], best: dict, monitor: str) -> str:
+    """One line per epoch that says what it shows: train and validation apart, the epoch's time, the time left
+    if training runs to the last epoch (early stopping may end it sooner), and the best epoch so far."""
+    left = (epochs - row["epoch"]) * sum(seconds) / len(seconds)
+    return (f"epoch {row['epoch']}/{epochs}  train: loss {row['train_loss']:.4f} iou {row['train_iou']:.3f}  "
+            f"val: loss {row['val_loss']:.4f} iou {row['val_iou']:.3f} dice {row['val_dice']:.3f} "
+            f"acc {row['val_accuracy']:.3f}  |  {seconds[-1]:.0f} s ({row['train_images_per_s']:.1f} img/s), "
+            f"at most {left / 60:.1f} min left  |  best {monitor} {best[monitor]:.3f} (epoch {best['epoch']})")
 
 
 class SegmentationLoss(nn.Module):
