@@ -92,6 +92,41 @@ def test_different_scans_with_shared_overlay_are_not_paired(tmp_path):
     assert find_copy_pairs(write(tmp_path, images)) == []
 
 
+def frame(tissue_seed: int, frame_seed: int, shift: tuple[int, int], shape=(300, 400)) -> tuple[np.ndarray, np.ndarray]:
+    """One frame of a cine: a view of a patient's tissue (coarse texture with a dark elliptic lesion) moved by
+    `shift` pixels, with its own fine texture and speckle (so the pixels are no copy); and its lesion mask."""
+    rng = np.random.default_rng(tissue_seed)
+    h, w = shape
+    margin = 30
+    big = (h + 2 * margin, w + 2 * margin)
+    tissue = np.zeros(big, np.float32)
+    for sigma, weight in [(12, 60), (4, 35), (2, 25)]:
+        tissue += weight * sigma * cv2.GaussianBlur(rng.standard_normal(big).astype(np.float32), (0, 0), sigma)
+    mask = np.zeros(big, np.uint8)
+    cv2.ellipse(mask, (200 + margin, 150 + margin), (45, 28), 15, 0, 360, 255, -1)  # the same lesion shape for all
+    tissue[mask > 0] -= 90
+    dx, dy = shift
+    view = tissue[margin + dy : margin + dy + h, margin + dx : margin + dx + w]
+    own = np.random.default_rng(frame_seed)
+    view = view + 50 * cv2.GaussianBlur(own.standard_normal(shape).astype(np.float32), (0, 0), 1.0)
+    view = view * own.gamma(3, 1 / 3, shape).astype(np.float32)
+    window = (slice(margin + dy, margin + dy + h), slice(margin + dx, margin + dx + w))
+    return np.clip(view + 110, 0, 255).astype(np.uint8), mask[window]
+
+
+def test_consecutive_frames_of_one_lesion_are_paired_and_look_alikes_are_not(tmp_path):
+    frames = {"benign (1)": frame(1, 10, (0, 0)), "malignant (2)": frame(1, 11, (14, 6)),  # one patient, two frames
+              "benign (3)": frame(2, 12, (0, 0)), "benign (4)": frame(3, 13, (14, 6))}  # same lesion shape, others
+    paths = write(tmp_path, {image_id: image for image_id, (image, _) in frames.items()})
+    (tmp_path / "masks").mkdir()
+    mask_files = write(tmp_path / "masks", {image_id: mask for image_id, (_, mask) in frames.items()})
+    masks = {image_id: (path,) for image_id, path in mask_files.items()}
+    pairs = find_copy_pairs(paths, masks)
+    assert [(p.a, p.b, p.kind) for p in pairs] == [("benign (1)", "malignant (2)", "frame")]  # across classes too
+    assert pairs[0].scale == pytest.approx(1.0, abs=0.03) and pairs[0].similarity > 0.9  # masks agree once mapped
+    assert find_copy_pairs(paths) == []  # no pixel copy: frames are told by their lesions
+
+
 def test_copy_groups_are_transitive_and_named_by_the_first_id():
     pairs = [
         CopyPair("malignant (7)", "benign (9)", 1.0, 50, 0.99),

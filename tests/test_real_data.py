@@ -47,5 +47,12 @@ def test_real_split_keeps_every_group_of_copies_in_one_split(real_archive, tmp_p
     assert report["conflicts"]["members"]["benign (433)"] == ["benign (433)", "malignant (145)"]
     assert len(rows) == 780 - report["conflicts"]["images"]
     assert report["groups_with_copies"] > 100  # BUSI's many re-scaled copies are found
+    # Consecutive frames of one lesion (checked by eye) are grouped: before, each pair straddled two splits.
+    group = {row["image_id"]: row["group"] for row in rows}
+    for a, b in [("benign (125)", "benign (126)"), ("benign (244)", "benign (305)"), ("benign (343)", "benign (361)"),
+                 ("malignant (27)", "malignant (28)"), ("malignant (69)", "malignant (70)")]:
+        assert group[a] == group[b], (a, b)
+    assert "benign (403)" in report["conflicts"]["members"]["benign (399)"]  # a frame of a conflicting pair
+    assert report["frame_pairs"] >= 9
     for name, fraction in [("train", 0.70), ("val", 0.15), ("test", 0.15)]:
         assert abs(report["counts"][name]["total"] / len(rows) - fraction) < 0.02

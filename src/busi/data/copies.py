@@ -1,7 +1,12 @@
-"""Find copies of one scan in BUSI: identical files, re-crops and re-scales, even across classes.
+"""Find copies of one scan in BUSI: identical files, re-crops and re-scales, even across classes; and
+consecutive frames of one lesion (the probe moved a little: not a pixel copy, the same patient).
 
-Pipeline: ORB keypoints per image -> shortlist candidate pairs by pooled descriptor votes ->
-similarity transform by RANSAC -> pixel-level check of the warped overlap -> union-find groups.
+Copies: ORB keypoints per image -> shortlist candidate pairs by pooled descriptor votes -> similarity transform
+by RANSAC -> pixel-level check of the warped overlap.
+Frames: lesion shapes compared centred (a cheap prefilter over all pairs of lesion images) -> RANSAC on the
+keypoints around the lesion, at the same zoom -> the lesion masks must agree once one frame is mapped onto the
+other.
+Both kinds of pairs -> union-find groups.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from busi.data.busi_layout import read_mask
 
 WORK_HEIGHT = 320  # every image is resized to this height: bounds the work, keeps tissue detail
 N_FEATURES = 600  # ORB keypoints per image: BUSI copies keep > 90 RANSAC inliers, 0.5 re-scales included
@@ -32,6 +39,15 @@ TILE = 32  # pixels (at WORK_HEIGHT) per side of the tiles compared by NCC
 FLAT_STD = 2.0  # grey-level std below which a tile is flat (black border, anechoic region)
 MIN_TILES = 8  # informative tiles needed in the overlap to judge it
 MIN_NCC = 0.5  # median tile NCC: copies score >= 0.9, other patients <= 0.2, other frames of one cine between
+# Consecutive frames (measured on BUSI: every accepted pair and the rejected ones nearest the thresholds were
+# checked by eye, README "Copies of one scan").
+FRAME_REGION_PX = 41  # lesion mask dilated by this (working pixels): the keypoints that describe the lesion
+FRAME_WINDOW, FRAME_GRID = 192, 48  # prefilter: each mask in a window around its centroid, compared at 48 px
+FRAME_MIN_SHAPE_IOU = 0.6  # prefilter: the centred masks overlap this much (frames of one lesion: >= 0.63)
+FRAME_SCALE = (0.9, 1.1)  # the same zoom: frames of one lesion 0.92-1.09, other patients' look-alikes <= 0.82
+FRAME_MIN_INLIERS = 6  # RANSAC inliers among the keypoints around the lesion
+MAX_FRAME_ROTATION_DEG = 5.0  # the probe turned a little
+FRAME_MIN_MASK_IOU = 0.6  # lesion masks after the transform: frames of one lesion 0.62-0.93, others <= 0.52
 
 
 @dataclass(frozen=True)
@@ -40,7 +56,8 @@ class CopyPair:
     b: str
     scale: float  # b's size relative to a's: a pixel x of a shows at scale * x + t in b (original pixels)
     inliers: int
-    similarity: float  # median NCC of the overlapping tiles
+    similarity: float  # a copy: median NCC of the overlapping tiles; a frame: IoU of the mapped lesion masks
+    kind: str = "copy"  # "copy" (the same pixels) or "frame" (another frame of the same lesion)
 
 
 @dataclass
@@ -49,9 +66,11 @@ class _Features:
     factor: float  # working / original size
     points: np.ndarray  # (n, 2) float32 keypoint positions
     descriptors: np.ndarray  # (n, 32) uint8 ORB descriptors
+    lesion: np.ndarray | None = None  # bool, the image's size: its lesion (None: no mask given or no lesion)
+    near_lesion: np.ndarray | None = None  # bool per keypoint: within FRAME_REGION_PX of the lesion
 
 
-def _features(path: Path) -> _Features:
+def _features(path: Path, mask_paths: tuple[Path, ...] = ()) -> _Features:
     gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if gray is None:
         raise OSError(f"cannot read image {path}")
@@ -62,7 +81,17 @@ def _features(path: Path) -> _Features:
     if descriptors is None:
         descriptors = np.zeros((0, 32), np.uint8)
     points = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
-    return _Features(image, factor, points, descriptors)
+    features = _Features(image, factor, points, descriptors)
+    lesion = np.zeros(gray.shape, bool)
+    for mask_path in mask_paths:
+        lesion |= read_mask(mask_path)  # fetch checked its size
+    if lesion.any():
+        features.lesion = cv2.resize(lesion.astype(np.uint8), (width, WORK_HEIGHT), interpolation=cv2.INTER_NEAREST) > 0
+        region = cv2.dilate(features.lesion.astype(np.uint8), np.ones((FRAME_REGION_PX,) * 2, np.uint8)) > 0
+        x = np.clip(points[:, 0].astype(int), 0, width - 1)
+        y = np.clip(points[:, 1].astype(int), 0, WORK_HEIGHT - 1)
+        features.near_lesion = region[y, x]
+    return features
 
 
 def _votes(feats: list[_Features]) -> np.ndarray:
@@ -151,13 +180,14 @@ def _tile_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray) -> float | None:
     return float(np.median((x * y).sum(1)[usable] / (sx * sy)[usable]))
 
 
-def find_copy_pairs(paths: Mapping[str, Path]) -> list[CopyPair]:
-    """All pairs of images (image_id -> file) that show the same scan, sorted by (a, b)."""
+def find_copy_pairs(paths: Mapping[str, Path], masks: Mapping[str, tuple[Path, ...]] | None = None) -> list[CopyPair]:
+    """All pairs of images (image_id -> file) that show the same scan, sorted by (a, b); with the images' lesion
+    mask files (`masks`), also the pairs that are consecutive frames of one lesion (kind "frame")."""
     ids = sorted(paths)
     if len(ids) < 2:
         return []
     with Pool(2) as pool:  # PNG decoding dominates; two cores halve it
-        feats = pool.map(_features, [paths[i] for i in ids], chunksize=16)
+        feats = pool.starmap(_features, [(paths[i], tuple((masks or {}).get(i, ()))) for i in ids], chunksize=16)
     found = []
     for i, j in sorted(_shortlist(_votes(feats))):
         fit = _similarity_transform(feats[i], feats[j])
@@ -169,7 +199,58 @@ def find_copy_pairs(paths: Mapping[str, Path]) -> list[CopyPair]:
             working_scale = math.hypot(matrix[0, 0], matrix[1, 0])
             scale = working_scale * feats[i].factor / feats[j].factor  # in original pixels
             found.append(CopyPair(ids[i], ids[j], round(scale, 4), inliers, round(similarity, 4)))
-    return found
+    copies = {(pair.a, pair.b) for pair in found}
+    for i, j in _same_shape(feats):
+        if (ids[i], ids[j]) not in copies and (frame := _frame(feats[i], feats[j])) is not None:
+            scale, inliers, mask_iou = frame
+            found.append(CopyPair(ids[i], ids[j], round(scale * feats[i].factor / feats[j].factor, 4), inliers,
+                                  round(mask_iou, 4), kind="frame"))
+    return sorted(found, key=lambda pair: (pair.a, pair.b))
+
+
+def _same_shape(feats: list[_Features]) -> list[tuple[int, int]]:
+    """Pairs of lesion images whose masks, each centred on its centroid, overlap by FRAME_MIN_SHAPE_IOU."""
+    lesions = [i for i, f in enumerate(feats) if f.lesion is not None]
+    if len(lesions) < 2:
+        return []
+    shapes = np.array([_centred(feats[i].lesion) for i in lesions]).reshape(len(lesions), -1)
+    inter = shapes @ shapes.T
+    area = shapes.sum(1)
+    iou = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
+    return [(lesions[x], lesions[y]) for x, y in zip(*np.nonzero(np.triu(iou >= FRAME_MIN_SHAPE_IOU, 1)), strict=True)]
+
+
+def _centred(lesion: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(lesion)
+    half = FRAME_WINDOW // 2
+    window = np.pad(lesion, half)[int(ys.mean()) : int(ys.mean()) + FRAME_WINDOW,
+                                  int(xs.mean()) : int(xs.mean()) + FRAME_WINDOW]
+    return cv2.resize(window.astype(np.float32), (FRAME_GRID, FRAME_GRID), interpolation=cv2.INTER_AREA)
+
+
+def _frame(fa: _Features, fb: _Features) -> tuple[float, int, float] | None:
+    """(working scale, inliers, mask IoU) when b is another frame of a's lesion: the keypoints around both lesions
+    fit one transform at the same zoom, and it maps a's lesion mask onto b's."""
+    da, db = fa.descriptors[fa.near_lesion], fb.descriptors[fb.near_lesion]
+    if len(da) < 2 or len(db) < 2:
+        return None
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
+    good = [m[0] for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+    if len(good) < FRAME_MIN_INLIERS:
+        return None
+    src = fa.points[fa.near_lesion][[m.queryIdx for m in good]]
+    dst = fb.points[fb.near_lesion][[m.trainIdx for m in good]]
+    matrix, inlier_mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX)
+    if matrix is None or int(inlier_mask.sum()) < FRAME_MIN_INLIERS:
+        return None
+    scale = math.hypot(matrix[0, 0], matrix[1, 0])
+    angle = math.degrees(math.atan2(matrix[1, 0], matrix[0, 0]))
+    if not FRAME_SCALE[0] <= scale <= FRAME_SCALE[1] or abs(angle) > MAX_FRAME_ROTATION_DEG:
+        return None
+    size = (fb.lesion.shape[1], fb.lesion.shape[0])
+    mapped = cv2.warpAffine(fa.lesion.astype(np.uint8), matrix, size, flags=cv2.INTER_NEAREST) > 0
+    mask_iou = (mapped & fb.lesion).sum() / max(1, (mapped | fb.lesion).sum())
+    return (scale, int(inlier_mask.sum()), float(mask_iou)) if mask_iou >= FRAME_MIN_MASK_IOU else None
 
 
 def copy_groups(ids: Iterable[str], pairs: Iterable[CopyPair]) -> dict[str, str]:

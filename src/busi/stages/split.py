@@ -1,5 +1,6 @@
-"""Stage split: train/val/test, stratified by class, seeded and group-aware. Copies of one scan (found by
-busi.data.copies) form a group that never straddles two splits; train+val also get k group-aware folds."""
+"""Stage split: train/val/test, stratified by class, seeded and group-aware. Copies of one scan and
+consecutive frames of one lesion (found by busi.data.copies) form a group that never straddles two splits;
+train+val also get k group-aware folds."""
 
 import csv
 import json
@@ -20,7 +21,8 @@ def split(raw_dir: Path, params: SplitParams, out_csv: Path, report_json: Path) 
     """Write splits.csv (image_id, label, split, group, fold) and the split report; returns the report."""
     cases = scan(find_root(raw_dir))
     label_of = {case.image_id: case.label for case in cases}
-    pairs = find_copy_pairs({case.image_id: case.image for case in cases})
+    pairs = find_copy_pairs({case.image_id: case.image for case in cases},
+                            {case.image_id: case.masks for case in cases})
     group_of = copy_groups(label_of, pairs)
     members = defaultdict(list)
     for image_id, group in group_of.items():
@@ -45,7 +47,8 @@ def split(raw_dir: Path, params: SplitParams, out_csv: Path, report_json: Path) 
     report = {
         "images": len(cases),
         "images_in_splits": len(rows),
-        "copy_pairs": len(pairs),
+        "copy_pairs": sum(pair.kind == "copy" for pair in pairs),
+        "frame_pairs": sum(pair.kind == "frame" for pair in pairs),
         "groups": len(sizes),
         "groups_with_copies": sum(size > 1 for size in sizes.values()),
         "images_in_copy_groups": sum(size for size in sizes.values() if size > 1),
