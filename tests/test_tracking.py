@@ -184,3 +184,11 @@ def test_metric_names_make_sections_of_the_run_page():
         "test_detail/per_class.malignant.dice": 0.5, "test_detail/per_class.malignant.iou": 0.33}  # booleans: tags
     assert tracking.cv_names({"mean": {"dice": 0.7}, "sd": {"dice": 0.1}, "minutes": 3.5, "folds": 5}) == {
         "cv/dice_mean": 0.7, "cv/dice_sd": 0.1, "cv/minutes": 3.5}
+
+
+def test_an_experiment_made_by_an_earlier_version_is_marked_as_model_training(repo, tmp_path):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("busi", artifact_location=(tmp_path / "mlruns").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
+    tracking.open_store()
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

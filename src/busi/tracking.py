@@ -131,16 +131,19 @@ def open_store() -> None:
 
 
 def set_experiment(name: str) -> None:
-    """Like mlflow.set_experiment, but a new experiment is marked as model training (MLflow 3's UI then opens it
-    on its runs, not on its GenAI overview), and on a local sqlite store keeps its artifacts beside the database,
-    not in the working directory (which, for a queued DVC experiment, is deleted afterwards)."""
-    if mlflow.get_experiment_by_name(name) is None:
+    """Like mlflow.set_experiment, but the experiment is marked as model training (MLflow 3's UI then opens it
+    on its runs, not on its GenAI overview), and a new one on a local sqlite store keeps its artifacts beside the
+    database, not in the working directory (which, for a queued DVC experiment, is deleted afterwards)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
         uri = urlparse(mlflow.get_tracking_uri())
         artifacts = None
         if uri.scheme == "sqlite":
             db = Path(uri.path[1:])  # sqlite:////abs/mlflow.db or sqlite:///relative/mlflow.db
             artifacts = (db.parent / "mlruns").resolve().as_uri()
         mlflow.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND: "custom_model_development"})
+    elif EXPERIMENT_KIND not in experiment.tags:  # made by an earlier version
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     mlflow.set_experiment(name)
 
 
