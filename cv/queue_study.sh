@@ -11,4 +11,4 @@ for encoder in vgg16 vgg19 resnet50 dpn68 resnet18; do
 done
 dvc exp run --queue cv/dvc.yaml -n cv-resnet50-plain -S model.encoder=resnet50 -S model.attention=null "$@"
 OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 )) dvc queue start -j "$workers"
-echo "queued 6 cross-validations; follow them with: dvc queue status, dvc queue logs <name>; then: python -m busi report"
+echo "queued 6 cross-validations; follow them with: dvc queue status, dvc queue logs <name>; then: busi report"
