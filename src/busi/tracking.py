@@ -196,14 +196,20 @@ def evaluation_names(split: str, metrics: dict) -> dict[str, float]:
     return names
 
 
+# Runs logged before these names (dotted: `test.dice`, `test.ci95.dice.low`, `val.dice`, `cv.mean.dice`, curves
+# as `val_loss`) are still read: a store keeps its history across versions.
+LEGACY_SPLIT = {"test": "test", "val_eval": "val"}
+
+
 def metric(run: Run, split: str, key: str, bound: str | None = None) -> float | None:
     """A run's evaluation metric as evaluation_names named it (`bound`: "low"/"high" of its 95% interval)."""
     name = f"{split}_ci95/{key}_{bound}" if bound else f"{split}_detail/{key}" if "." in key else f"{split}/{key}"
-    return run.data.metrics.get(name)
+    legacy = f"{LEGACY_SPLIT[split]}.{f'ci95.{key}.{bound}' if bound else key}"
+    return run.data.metrics.get(name, run.data.metrics.get(legacy))
 
 
 def has_evaluation(run: Run) -> bool:
-    return any(name.startswith("test/") for name in run.data.metrics)
+    return any(name.startswith(("test/", "test.")) for name in run.data.metrics)
 
 
 def cv_names(cv: dict) -> dict[str, float]:
@@ -213,7 +219,9 @@ def cv_names(cv: dict) -> dict[str, float]:
 
 def cv_metric(run: Run, key: str, stat: str) -> float | None:
     """A cross-validation's fold `stat` ("mean", "sd") of `key`, or its "minutes"; None for other runs."""
-    return run.data.metrics.get("cv/minutes" if stat == "minutes" else f"cv/{key}_{stat}")
+    if stat == "minutes":
+        return run.data.metrics.get("cv/minutes", run.data.metrics.get("cv.minutes"))
+    return run.data.metrics.get(f"cv/{key}_{stat}", run.data.metrics.get(f"cv.{stat}.{key}"))
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
@@ -375,6 +383,7 @@ def load_table(run_id: str, name: str) -> pd.DataFrame | None:
 def metric_history(run_id: str, column: str) -> dict[int, float]:
     """{epoch: value} of a history column (`val_loss`); a resumed run may have logged an epoch twice: its last
     value counts."""
-    metrics = sorted(mlflow.MlflowClient(tracking_uri()).get_metric_history(run_id, curve_name(column)),
-                     key=lambda m: (m.step, m.timestamp))
+    client = mlflow.MlflowClient(tracking_uri())
+    logged = client.get_metric_history(run_id, curve_name(column)) or client.get_metric_history(run_id, column)
+    metrics = sorted(logged, key=lambda m: (m.step, m.timestamp))
     return {m.step: m.value for m in metrics}
