@@ -166,3 +166,15 @@ def test_a_missing_or_empty_experiment_is_one_error(store, tmp_path, monkeypatch
     with pytest.raises(BusiError, match="no MLflow store at"):
         report(tmp_path / "study.md", None)
     assert not (tmp_path / "none.db").exists()  # not created by asking
+
+
+def test_where_keeps_the_runs_that_pass_an_mlflow_filter(store, tmp_path):
+    root, summaries = store
+    text = report(tmp_path / "study.md", None, "params.`model.attention` = 'scse'").read_text()
+    rows = table_rows(text, "## Test split")
+    assert [row[0] for row in rows] == [f"resnet18-scse (`{summaries['resnet18-scse']['run_id'][:8]}`)"]
+    assert "(runs where `params.`model.attention` = 'scse'`)" in text and "resnet18-plain" not in text
+    with pytest.raises(BusiError, match="--where 'params.nope ==': not an MLflow search filter"):
+        report(tmp_path / "bad.md", None, "params.nope ==")
+    with pytest.raises(BusiError, match="has no finished runs matching"):
+        report(tmp_path / "none.md", None, "params.`model.encoder` = 'vgg19'")

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "study-report run. Reads ./mlflow.db or $MLFLOW_TRACKING_URI.")
     cmd.add_argument("--out", type=Path, default=Path("reports/study.md"), help="the markdown report")
     cmd.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or busi)")
+    cmd.add_argument("--where", default="", help="only the runs that pass this MLflow search filter, e.g. "
+                     "\"params.`train.epochs` = '3'\" (default: every run)")
 
     cmd = command("ablate", "validation metrics as each post-processing step is added (never the test split)")
     cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
@@ -216,7 +218,7 @@ def run(args: argparse.Namespace, params) -> str:
     if args.command == "report":
         from busi.commands.report import report
 
-        return f"wrote {report(args.out, args.experiment)}"
+        return f"wrote {report(args.out, args.experiment, args.where)}"
     if args.command == "predict":
         from busi.commands.predict import predict
 

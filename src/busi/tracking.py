@@ -336,9 +336,9 @@ def download_predictor(uri: str, dst: Path) -> Path:
     return folder / entry["path"]
 
 
-def finished_runs(experiment: str) -> tuple[list[Run], int, str]:
+def finished_runs(experiment: str, where: str = "") -> tuple[list[Run], int, str]:
     """The experiment's FINISHED runs (oldest first) but the report's own, how many others it has, and the store's
-    URI."""
+    URI; `where`: an MLflow search filter (e.g. "params.`train.epochs` = '3'") that every run must pass."""
     uri = tracking_uri()
     db = urlparse(uri)
     if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():  # MlflowClient would create an empty one
@@ -347,12 +347,16 @@ def finished_runs(experiment: str) -> tuple[list[Run], int, str]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise BusiError(f"MLflow experiment {experiment!r} not found in {shown_uri(uri)}: train a model first")
-    runs = client.search_runs([found.experiment_id], max_results=MAX_RUNS, order_by=["attributes.start_time ASC"])
+    try:
+        runs = client.search_runs([found.experiment_id], filter_string=where, max_results=MAX_RUNS,
+                                  order_by=["attributes.start_time ASC"])
+    except MlflowException as err:
+        raise BusiError(f"--where {where!r}: not an MLflow search filter ({str(err).splitlines()[0]})") from None
     runs = [run for run in runs if REPORT_TAG not in run.data.tags]
     finished = [run for run in runs if run.info.status == "FINISHED"]
     if not finished:
-        raise BusiError(f"MLflow experiment {experiment!r} ({shown_uri(uri)}) has no finished runs: "
-                        "train a model first")
+        raise BusiError(f"MLflow experiment {experiment!r} ({shown_uri(uri)}) has no finished runs"
+                        + (f" matching {where!r}" if where else ": train a model first"))
     return finished, len(runs) - len(finished), shown_uri(uri)
 
 

@@ -37,11 +37,11 @@ CURVES = [("val_loss", "validation loss"), ("val_iou", "validation IoU")]
 PAIRED_RESAMPLES, PAIRED_SEED = 2000, 0
 
 
-def report(out_md: Path, experiment: str | None = None) -> Path:
+def report(out_md: Path, experiment: str | None = None, where: str = "") -> Path:
     """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it, and log both to the
     experiment's `study-report` run; returns `out_md`."""
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
-    finished, unfinished, uri = tracking.finished_runs(name)
+    finished, unfinished, uri = tracking.finished_runs(name, where)
     cross_validated = [run for run in finished if tracking.cv_metric(run, "dice", "mean") is not None]
     # Folds are shown through their parent; parents have no curves of their own.
     finished = [run for run in finished if "mlflow.parentRunId" not in run.data.tags and run not in cross_validated]
@@ -49,7 +49,7 @@ def report(out_md: Path, experiment: str | None = None) -> Path:
     figure = Path(out_md).with_name(f"{Path(out_md).stem}_val_curves.png")
     with atomic_file(figure) as tmp:
         plot_curves(finished, curves).savefig(tmp, format="png", dpi=120)  # tmp has no .png suffix
-    text = markdown(name, uri, finished, curves, unfinished, figure.name)
+    text = markdown(name, uri, finished, curves, unfinished, figure.name, where)
     if cross_validated:
         text = text.replace("## The study's Table 1", cv_section(cross_validated) + "## The study's Table 1", 1)
     with atomic_file(out_md) as tmp:
@@ -79,7 +79,8 @@ def epochs(run: Run, curves: dict[str, dict[int, float]]) -> str:
     return f"{len(values)} / {min(step for step, value in values.items() if value == best)}"
 
 
-def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished: int, figure: str) -> str:
+def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished: int, figure: str,
+             where: str = "") -> str:
     # Ranked on validation, where choices are made.
     evaluated = sorted((run for run in finished if is_evaluated(run)), reverse=True,
                        key=lambda run: (rank(tracking.metric(run, "val_eval", "dice")),
@@ -95,7 +96,8 @@ def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished:
     lines = [
         "# BUSI segmentation: our runs beside the study",
         "",
-        f"MLflow experiment `{name}` ({uri}): {len(finished)} finished runs, {len(evaluated)} evaluated"
+        f"MLflow experiment `{name}`{f' (runs where `{where}`)' if where else ''} ({uri}): {len(finished)} finished "
+        f"runs, {len(evaluated)} evaluated"
         + (f"; left out: {unfinished} runs not finished (running, failed or killed)." if unfinished else "."),
         "",
         "## Test split",
