@@ -47,7 +47,7 @@ def test_every_command_and_option_says_what_it_does(name):
     for action in sub._actions:
         if action.dest != "help":
             assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
-            if action.default not in (None, False) and not action.required and action.default != "==SUPPRESS==":
+            if action.default not in (None, False, "") and not action.required and action.default != "==SUPPRESS==":
                 assert f"(default: {action.default})" in " ".join(text.split())
     assert ("--params" in text) == (name in NEEDS_PARAMS)  # only commands that read params.yaml take it
 

@@ -22,7 +22,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Descriptions as written, and every option's default after its help (none for options without one)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.required:
+        if action.default in (None, False, "") or action.required:
             return action.help
         return super()._get_help_string(action)
 
