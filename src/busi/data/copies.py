@@ -132,24 +132,30 @@ def _shortlist(votes: np.ndarray) -> set[tuple[int, int]]:
 
 def _similarity_transform(fa: _Features, fb: _Features) -> tuple[np.ndarray, int] | None:
     """RANSAC crop+scale transform (2x3, working pixels) mapping a onto b and its inlier count, or None."""
-    if len(fa.descriptors) < 2 or len(fb.descriptors) < 2:
+    fit = _fit(fa.points, fa.descriptors, fb.points, fb.descriptors, MIN_INLIERS, SCALE_RANGE, MAX_ROTATION_DEG)
+    return None if fit is None else fit[:2]
+
+
+def _fit(points_a, descriptors_a, points_b, descriptors_b, min_inliers: int, scale_range: tuple[float, float],
+         max_rotation_deg: float) -> tuple[np.ndarray, int, float] | None:
+    """Ratio-tested keypoint matches, then a RANSAC similarity transform (2x3, working pixels) from a to b within
+    the scale range and rotation: (matrix, inliers, scale), or None."""
+    if len(descriptors_a) < 2 or len(descriptors_b) < 2:
         return None
-    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(fa.descriptors, fb.descriptors, k=2)
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(descriptors_a, descriptors_b, k=2)
     good = [m[0] for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
-    if len(good) < MIN_INLIERS:
+    if len(good) < min_inliers:
         return None
-    src = fa.points[[m.queryIdx for m in good]]
-    dst = fb.points[[m.trainIdx for m in good]]
-    matrix, inlier_mask = cv2.estimateAffinePartial2D(
-        src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX
-    )
-    if matrix is None or int(inlier_mask.sum()) < MIN_INLIERS:
+    src = points_a[[m.queryIdx for m in good]]
+    dst = points_b[[m.trainIdx for m in good]]
+    matrix, inlier_mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX)
+    if matrix is None or int(inlier_mask.sum()) < min_inliers:
         return None
     scale = math.hypot(matrix[0, 0], matrix[1, 0])
     angle = math.degrees(math.atan2(matrix[1, 0], matrix[0, 0]))
-    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] or abs(angle) > MAX_ROTATION_DEG:
+    if not scale_range[0] <= scale <= scale_range[1] or abs(angle) > max_rotation_deg:
         return None
-    return matrix, int(inlier_mask.sum())
+    return matrix, int(inlier_mask.sum()), scale
 
 
 def _tile_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray) -> float | None:
@@ -231,26 +237,15 @@ def _centred(lesion: np.ndarray) -> np.ndarray:
 def _frame(fa: _Features, fb: _Features) -> tuple[float, int, float] | None:
     """(working scale, inliers, mask IoU) when b is another frame of a's lesion: the keypoints around both lesions
     fit one transform at the same zoom, and it maps a's lesion mask onto b's."""
-    da, db = fa.descriptors[fa.near_lesion], fb.descriptors[fb.near_lesion]
-    if len(da) < 2 or len(db) < 2:
+    fit = _fit(fa.points[fa.near_lesion], fa.descriptors[fa.near_lesion], fb.points[fb.near_lesion],
+               fb.descriptors[fb.near_lesion], FRAME_MIN_INLIERS, FRAME_SCALE, MAX_FRAME_ROTATION_DEG)
+    if fit is None:
         return None
-    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
-    good = [m[0] for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
-    if len(good) < FRAME_MIN_INLIERS:
-        return None
-    src = fa.points[fa.near_lesion][[m.queryIdx for m in good]]
-    dst = fb.points[fb.near_lesion][[m.trainIdx for m in good]]
-    matrix, inlier_mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PX)
-    if matrix is None or int(inlier_mask.sum()) < FRAME_MIN_INLIERS:
-        return None
-    scale = math.hypot(matrix[0, 0], matrix[1, 0])
-    angle = math.degrees(math.atan2(matrix[1, 0], matrix[0, 0]))
-    if not FRAME_SCALE[0] <= scale <= FRAME_SCALE[1] or abs(angle) > MAX_FRAME_ROTATION_DEG:
-        return None
+    matrix, inliers, scale = fit
     size = (fb.lesion.shape[1], fb.lesion.shape[0])
     mapped = cv2.warpAffine(fa.lesion.astype(np.uint8), matrix, size, flags=cv2.INTER_NEAREST) > 0
     mask_iou = (mapped & fb.lesion).sum() / max(1, (mapped | fb.lesion).sum())
-    return (scale, int(inlier_mask.sum()), float(mask_iou)) if mask_iou >= FRAME_MIN_MASK_IOU else None
+    return (scale, inliers, float(mask_iou)) if mask_iou >= FRAME_MIN_MASK_IOU else None
 
 
 def copy_groups(ids: Iterable[str], pairs: Iterable[CopyPair]) -> dict[str, str]:
