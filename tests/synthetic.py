@@ -78,3 +78,36 @@ def zip_folder(folder: Path, archive: Path) -> Path:
         for path in sorted(folder.rglob("*")):
             zf.write(path, path.relative_to(folder.parent).as_posix())
     return archive
+
+
+# The folders layout (params: dataset / external.<name>): images/<id>.png, masks/mask_<id>.png and a labels CSV
+# with its own column names, extra columns, and a patient column under which some patients have two images.
+FOLDERS_DATASET = {"layout": "folders", "images": "images", "masks": "masks", "image_name": "{id}.png",
+                   "mask_name": "mask_{id}.png", "labels": "labels.csv", "id_column": "image",
+                   "label_column": "diagnosis", "case_column": "patient"}
+
+
+def make_folders(base: Path, counts: dict[str, int], seed: int = 1, name: str = "mydata") -> Path:
+    """Write `<base>/<name>/{images,masks,labels.csv}` and return that folder. Patients have two images each
+    where they can (same label, two lesions), so that the split has groups to keep together; normal images have
+    no mask file."""
+    rng = np.random.default_rng(seed)
+    root = Path(base) / name
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = ["image,diagnosis,patient,age,scanner"]
+    n = 0
+    for label, count in counts.items():
+        for i in range(count):
+            n += 1
+            image_id = f"{label[:3]}{i:03d}"
+            height, width = int(rng.integers(160, 220)), int(rng.integers(200, 280))
+            image = speckle(rng, height, width)
+            mask = lesion(rng, (height, width)) if label != "normal" else None
+            if mask is not None:
+                image[mask > 0] = (image[mask > 0] * 0.3).astype(np.uint8)  # hypoechoic, as a lesion
+                Image.fromarray(mask).save(root / "masks" / f"mask_{image_id}.png")
+            Image.fromarray(image).save(root / "images" / f"{image_id}.png")
+            rows.append(f"{image_id},{label.capitalize()},P{label[:1]}{i // 2:02d},{40 + n},S{n % 2}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root

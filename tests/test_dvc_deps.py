@@ -62,6 +62,7 @@ def stages() -> dict[str, tuple[dict, Path]]:
     found = {}
     for pipeline in PIPELINES:
         for name, stage in yaml.safe_load((ROOT / pipeline).read_text())["stages"].items():
+            stage = stage.get("do", stage)  # a foreach stage: its template
             found[f"{pipeline}:{name}"] = (stage, ((ROOT / pipeline).parent / stage.get("wdir", ".")).resolve())
     return found
 

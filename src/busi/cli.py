@@ -1,7 +1,7 @@
 """busi: lesion segmentation and classification on breast ultrasound (BUSI).
 
 The pipeline's stages (dvc.yaml runs them in order; `dvc repro` is the usual way):
-  source, fetch, merge-masks, split, preprocess, train, evaluate
+  source, fetch, merge-masks, split, preprocess, train, evaluate, evaluate-external
 and the tools around them: cross-validate, predict, report, ablate, check-metrics.
 Run `busi <command> --help` for one command. `python -m busi` is the same program.
 """
@@ -15,7 +15,7 @@ from busi import BusiError
 from busi.config import load_params
 
 # Commands that read params.yaml; the others run from any directory without one.
-NEEDS_PARAMS = {"split", "preprocess", "train", "cross-validate", "evaluate", "ablate"}
+NEEDS_PARAMS = {"fetch", "split", "preprocess", "train", "cross-validate", "evaluate", "evaluate-external", "ablate"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -47,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "public copy. A changed archive changes the fingerprint, and `dvc repro` re-runs fetch.")
     cmd.add_argument("--out", type=Path, default=Path("data/source.json"), help="the fingerprint (JSON)")
 
-    cmd = command("fetch", "fetch and verify the raw BUSI archive (stage fetch)",
+    cmd = command("fetch", "fetch and verify the raw dataset (stage fetch)",
                   "Reads $BUSI_ARCHIVE (a .zip or an extracted folder, e.g.\n"
                   "BUSI_ARCHIVE=~/Downloads/Dataset_BUSI_with_GT.zip), else downloads Kaggle's public copy\n"
-                  "(aryashah2k/breast-ultrasound-images-dataset; fails fast offline). Every image and mask is checked\n"
-                  "before the previous output is replaced.")
+                  "(aryashah2k/breast-ultrasound-images-dataset; fails fast offline). Its layout is params' dataset\n"
+                  "section: BUSI's class folders, or your own folders of images and masks with a labels CSV.\n"
+                  "Every image and mask is checked before the previous output is replaced.")
     cmd.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder")
 
     cmd = command("merge-masks", "OR each image's mask files into one 0/255 mask (stage merge_masks)")
@@ -96,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--figures", type=Path, default=Path("reports/figures"), help="the study's figures")
     cmd.add_argument("--predictor", type=Path, default=Path("predictor"),
                      help="where to write the predictor: the network + the post-processing chosen on validation")
+
+    cmd = command("evaluate-external", "score a trained model on an external dataset, beside its BUSI test metrics",
+                  "The dataset is params' external.<NAME> (a folder or .zip in the busi or the folders layout);\n"
+                  "nothing is trained or decided on it. Writes <NAME>.json, <NAME>_detail.json and\n"
+                  "<NAME>_per_image.csv in --out and a figure of the best and worst cases, and logs them to the\n"
+                  "model's MLflow run as external_<NAME>/. The DVC stage evaluate_external runs it for every\n"
+                  "configured dataset.")
+    cmd.add_argument("name", help="the dataset's name under external: in params")
+    cmd.add_argument("--model", default="predictor", help="the evaluate stage's predictor folder, another "
+                     "predictor (cv/results/predictor), or an MLflow model URI")
+    cmd.add_argument("--out", type=Path, default=Path("metrics/external"), help="metrics and per-image CSV")
+    cmd.add_argument("--figures", type=Path, default=Path("reports/figures"), help="where the figure goes")
+    cmd.add_argument("--no-mlflow", action="store_true",
+                     help="neither log to MLflow nor compare with the BUSI test metrics (a model without a run)")
 
     cmd = command("cross-validate", "train every fold of train+val, score the fold ensemble once on test",
                   "The stage of cv/dvc.yaml (`dvc repro cv/dvc.yaml`). Each fold is an MLflow child run of one\n"
@@ -165,7 +180,7 @@ def run(args: argparse.Namespace, params) -> str:
     if args.command == "fetch":
         from busi.stages.fetch import fetch
 
-        return f"{fetch(args.out)} images verified in {args.out}"
+        return f"{fetch(args.out, params.dataset)} images verified in {args.out}"
     if args.command == "merge-masks":
         from busi.stages.merge_masks import merge_masks
 
@@ -175,7 +190,7 @@ def run(args: argparse.Namespace, params) -> str:
 
         report = split(args.raw, params.split, args.out, args.report)
         totals = ", ".join(f"{s} {c['total']}" for s, c in report["counts"].items())
-        return (f"{totals}; {report['groups_with_copies']} groups of copies, "
+        return (f"{totals}; {report['groups_with_copies']} groups of several images (copies, frames, cases), "
                 f"{report['conflicts']['groups']} conflicts ({params.split.conflicts})")
     if args.command == "preprocess":
         from busi.stages.preprocess import preprocess
@@ -210,6 +225,17 @@ def run(args: argparse.Namespace, params) -> str:
                                       params.evaluate, args.out, args.plots, args.figures, args.val_out, args.predictor)
         return (f"test dice {metrics.get('dice', float('nan')):.3f}, iou {metrics.get('iou', float('nan')):.3f}, "
                 f"f1_weighted {metrics['f1_weighted']:.3f}; predictor in {args.predictor}, MLflow model {model_uri}")
+    if args.command == "evaluate-external":
+        from busi.stages.evaluate_external import evaluate_external
+
+        if args.name not in params.external:
+            raise BusiError(f"{args.params}: external.{args.name}: not configured (configured: "
+                            f"{', '.join(params.external) or 'none'})")
+        metrics = evaluate_external(args.name, params.external[args.name], args.model, params.evaluate, args.out,
+                                    args.figures, log=not args.no_mlflow)
+        return (f"{args.name}: dice {metrics.get('dice', float('nan')):.3f}, dice_per_image "
+                f"{metrics.get('dice_per_image', float('nan')):.3f}, f1_weighted {metrics['f1_weighted']:.3f}; "
+                f"in {args.out}")
     if args.command == "ablate":
         from busi.commands.ablate import ablate, markdown
 

@@ -1,6 +1,7 @@
 """params.yaml: the single source of every parameter, validated before any work starts."""
 
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
@@ -25,6 +26,50 @@ class Fractions(Section):
         if abs(total - 1) > 1e-6:
             raise ValueError(f"train + val + test must sum to 1, got {total:g}")
         return self
+
+
+class DatasetParams(Section):
+    """How a dataset is laid out. `busi`: Kaggle's BUSI (class folders, `<id>_mask[_N].png` beside each image).
+    `folders`: one folder of images and one of masks, paired by the name rules, and a CSV of labels (one row per
+    image; other columns are ignored). A normal image may have no mask file (no lesion)."""
+    layout: Literal["busi", "folders"] = "busi"
+    images: str = "images"  # folders layout: the images' folder, relative to the dataset's root
+    masks: str = "masks"  # the masks' folder
+    image_name: str = "{id}.png"  # an image's file name; {id} is the id column's value
+    mask_name: str = "{id}.png"  # its mask's file name, e.g. mask_{id}.png or {id}_mask.png
+    labels: str = "labels.csv"  # the labels CSV, relative to the dataset's root (which is where it is found)
+    id_column: str = "id"
+    label_column: str = "label"  # benign | malignant | normal (any subset of them)
+    case_column: str | None = None  # patient or case: its images are one group, never in two splits
+
+    @field_validator("images", "masks", "labels")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
+            raise ValueError("must be a path inside the dataset's root (relative, without '..')")
+        return value
+
+    @field_validator("image_name", "mask_name")
+    @classmethod
+    def _name_rule(cls, value: str) -> str:
+        if value.count("{id}") != 1 or re.sub(r"\{id\}", "", value).count("{") or "/" in value or "\\" in value:
+            raise ValueError("must be a file name holding {id} once, e.g. mask_{id}.png")
+        return value
+
+    @model_validator(mode="after")
+    def _masks_apart(self):
+        if self.layout == "folders" and (self.images, self.image_name) == (self.masks, self.mask_name):
+            raise ValueError("images and masks have the same folder and name rule: give masks another one")
+        return self
+
+
+class ExternalDataset(DatasetParams):
+    """A dataset a trained model is scored on and never trained or selected on (evaluate-external)."""
+    path: str  # its folder or .zip (absolute, or relative to where the pipeline runs)
+
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")  # an external dataset's name: file names and MLflow metric names
 
 
 class SplitParams(Section):
@@ -119,12 +164,22 @@ class NetworkConfig(Section):
 
 
 class Params(Section):
+    dataset: DatasetParams = DatasetParams()  # the dataset the pipeline trains on
+    external: dict[str, ExternalDataset] = {}  # datasets to score trained models on (never trained on)
     split: SplitParams
     preprocess: PreprocessParams
     model: ModelParams
     augment: AugmentParams
     train: TrainParams
     evaluate: EvaluateParams
+
+    @field_validator("external")
+    @classmethod
+    def _names(cls, external: dict) -> dict:
+        for name in external:
+            if not NAME.match(name):
+                raise ValueError(f"{name!r}: a dataset name is lower-case letters, digits, - and _ (at most 40)")
+        return external
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
@@ -274,10 +275,7 @@ def log_evaluation(run_id: str, metrics: dict, val_metrics: dict, tables: dict[s
     (busi.stages.cross_validate's summary) as `cv/<metric>_mean`, `cv/<metric>_sd` and `cv/minutes`.
     Returns the model's URI."""
     flat = flatten(metrics)
-    # start_run refuses a run outside the active experiment (one set earlier in this process, or by the environment)
-    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    mlflow.start_run(run_id=run_id)
-    try:  # not the context manager: a failure here must not mark the training run FAILED
+    with resumed(run_id):
         mlflow.log_metrics(evaluation_names("test", metrics) | evaluation_names("val_eval", val_metrics)
                            | cv_names(cv or {}))
         mlflow.set_tags({f"test.{k}": str(v) for k, v in flat.items() if isinstance(v, bool)})
@@ -287,9 +285,48 @@ def log_evaluation(run_id: str, metrics: dict, val_metrics: dict, tables: dict[s
             mlflow.log_figure(figure, name)
         model_uri = log_model(predictor_dir, serving)
         mlflow.set_tag("busi.model_uri", model_uri)
+    return model_uri
+
+
+@contextmanager
+def resumed(run_id: str):
+    """The finished run `run_id` as the active run, finished again afterwards. Not mlflow.start_run's context
+    manager: a failure while adding to it must not mark the training run FAILED."""
+    # start_run refuses a run outside the active experiment (one set earlier in this process, or by the environment)
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield
     finally:
         mlflow.end_run()
-    return model_uri
+
+
+def external_section(name: str) -> str:
+    """The MLflow section of an external dataset's metrics: external_<name>/dice, external_<name>_ci95/..."""
+    return f"external_{name}"
+
+
+def model_run(run_id: str | None, model: str) -> Run:
+    """The training (or cross-validation) run a predictor came from, checked to be in the tracking store."""
+    mlflow.set_tracking_uri(tracking_uri())
+    if not run_id:
+        raise BusiError(f"{model}: the model names no MLflow run (a training checkpoint, not the evaluate stage's "
+                        "predictor?); give a predictor, or pass --no-mlflow")
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise BusiError(f"{model}: its MLflow run {run_id} is not in the tracking store {shown_uri(tracking_uri())} "
+                        "(set MLFLOW_TRACKING_URI, or pass --no-mlflow)") from None
+
+
+def log_external(run_id: str, name: str, metrics: dict, table: pd.DataFrame, figure: Figure) -> None:
+    """An external dataset's evaluation added to the model's run, in its own sections (external_section), with
+    its per-image table and figure."""
+    section = external_section(name)
+    with resumed(run_id):
+        mlflow.log_metrics(evaluation_names(section, metrics))
+        log_table(run_id, table, f"{section}_per_image.json")
+        mlflow.log_figure(figure, f"{section}_cases.png")
 
 
 def is_number(value) -> bool:

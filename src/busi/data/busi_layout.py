@@ -22,7 +22,8 @@ class Case:
     image_id: str  # e.g. "benign (12)": unique across classes
     label: str
     image: Path
-    masks: tuple[Path, ...]  # one or more lesion masks, merged by logical OR
+    masks: tuple[Path, ...]  # lesion masks, merged by logical OR (none: no lesion)
+    group: str = ""  # patient or case, where the dataset says (its images never straddle two splits)
 
 
 def find_root(folder: Path) -> Path:

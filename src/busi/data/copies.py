@@ -248,8 +248,9 @@ def _frame(fa: _Features, fb: _Features) -> tuple[float, int, float] | None:
     return (scale, inliers, float(mask_iou)) if mask_iou >= FRAME_MIN_MASK_IOU else None
 
 
-def copy_groups(ids: Iterable[str], pairs: Iterable[CopyPair]) -> dict[str, str]:
-    """Map every id to its group name: the sorted-first id among all its (transitive) copies."""
+def copy_groups(ids: Iterable[str], pairs: Iterable[CopyPair | tuple[str, str]]) -> dict[str, str]:
+    """Map every id to its group name: the sorted-first id among all its (transitive) copies; `pairs` are
+    CopyPairs or any other links of two ids (the images of one patient)."""
     parent = {i: i for i in ids}
 
     def root(x: str) -> str:
@@ -259,6 +260,6 @@ def copy_groups(ids: Iterable[str], pairs: Iterable[CopyPair]) -> dict[str, str]
         return x
 
     for pair in pairs:
-        ra, rb = root(pair.a), root(pair.b)
+        ra, rb = (root(pair.a), root(pair.b)) if isinstance(pair, CopyPair) else (root(pair[0]), root(pair[1]))
         parent[max(ra, rb)] = min(ra, rb)  # the smaller id stays root, so it names the group
     return {i: root(i) for i in parent}

@@ -22,13 +22,15 @@ def training_figure(history: pd.DataFrame) -> Figure:
     return fig
 
 
-def cases_figure(cases: pd.DataFrame, arrays: dict, references: list, predictions: list, count: int) -> Figure:
-    """Figure 2: per class, the `count` best and worst test cases (by Dice; normal images by predicted area),
+def cases_figure(cases: pd.DataFrame, arrays: dict, references: list, predictions: list, count: int,
+                 title: str = "Test cases") -> Figure:
+    """Figure 2: per class present, the `count` best and worst cases (by Dice; normal images by predicted area),
     reference contour green, prediction red, at the original resolution."""
-    fig = Figure(figsize=(2.6 * 2 * count, 2.8 * len(CLASSES)), layout="constrained")
-    axes = fig.subplots(len(CLASSES), 2 * count, squeeze=False)
-    fig.suptitle(f"Test cases, best {count} then worst {count} per class: reference green, prediction red")
-    for row, name in zip(axes, CLASSES, strict=True):
+    present = [name for name in CLASSES if (cases["label"] == name).any()] or list(CLASSES)
+    fig = Figure(figsize=(2.6 * 2 * count, 2.8 * len(present)), layout="constrained")
+    axes = fig.subplots(len(present), 2 * count, squeeze=False)
+    fig.suptitle(f"{title}, best {count} then worst {count} per class: reference green, prediction red")
+    for row, name in zip(axes, present, strict=True):
         subset = cases[cases["label"] == name]
         ranked = (subset.sort_values("predicted_area_px") if name == "normal"
                   else subset.sort_values("dice", ascending=False)).index.tolist()

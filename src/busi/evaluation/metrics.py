@@ -29,13 +29,15 @@ METRICS = (  # the study's four columns first
     Metric("f1_weighted", "weighted F1", interval=True, tolerance=0.05),
     Metric("dice_per_image", "per-image Dice", interval=True, tolerance=0.03),
     Metric("accuracy", "accuracy", tolerance=0.05),
+    Metric("auc_malignant_vs_benign", "malignant AUC", interval=True),  # defined without normal images too
     Metric("per_class.malignant.dice", "malignant Dice"),
     Metric("normal_fp_rate", "normal FP rate"),
 )
-# The per-image table (metrics/plots/per_image.csv, the MLflow table): the pixel counts let pooled metrics be
-# recomputed over any subset of images (bootstrap, paired comparisons).
+# The per-image table (metrics/plots/per_image.csv, the MLflow table): the pixel counts and class probabilities
+# let every metric be recomputed over any subset of images (bootstrap, paired comparisons).
+PROBABILITY_COLUMNS = [f"p_{name}" for name in CLASSES]
 CASE_COLUMNS = ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px", "predicted_area_px",
-                "tp", "fp", "fn", "tn"]
+                "tp", "fp", "fn", "tn", *PROBABILITY_COLUMNS]
 
 
 def lookup(metrics: dict, key: str):
@@ -48,10 +50,11 @@ def lookup(metrics: dict, key: str):
     return value
 
 
-def case_table(ids, labels, predicted_labels, predictions: list[np.ndarray],
-               references: list[np.ndarray]) -> pd.DataFrame:
+def case_table(ids, labels, predicted_labels, predictions: list[np.ndarray], references: list[np.ndarray],
+               class_probabilities: np.ndarray) -> pd.DataFrame:
     """One row per image: pixel counts, Dice and IoU (NaN where reference and prediction are both empty),
-    reference and predicted lesion areas. `labels` and `predicted_labels` are class indices."""
+    reference and predicted lesion areas, the class probabilities [N,3]. `labels` and `predicted_labels` are
+    class indices."""
     rows = []
     for image_id, label, predicted_label, predicted, reference in zip(ids, labels, predicted_labels, predictions,
                                                                       references, strict=True):
@@ -66,6 +69,7 @@ def case_table(ids, labels, predicted_labels, predictions: list[np.ndarray],
         cases["iou"] = tp / (tp + fp + fn)
     cases["lesion_area_px"] = cases["tp"] + cases["fn"]
     cases["predicted_area_px"] = cases["tp"] + cases["fp"]
+    cases[PROBABILITY_COLUMNS] = np.asarray(class_probabilities, dtype=float).reshape(len(cases), len(CLASSES))
     return cases
 
 
@@ -100,10 +104,25 @@ def classification_metrics(cases: pd.DataFrame, class_probabilities: np.ndarray)
                "accuracy": accuracy_score(actual, predicted)}
     if actual.nunique() == len(CLASSES):  # one-vs-rest AUC is undefined for a class the split lacks
         metrics["roc_auc_ovr"] = roc_auc_score(actual, class_probabilities, multi_class="ovr", labels=list(CLASSES))
+    metrics |= malignant_vs_benign(cases)
     matrix = confusion_matrix(actual, predicted, labels=list(CLASSES))
     return {**{key: float(value) for key, value in metrics.items()},
             "confusion": {a: {p: int(n) for p, n in zip(CLASSES, row, strict=True)}
                           for a, row in zip(CLASSES, matrix, strict=True)}}
+
+
+def malignant_vs_benign(cases: pd.DataFrame) -> dict[str, float]:
+    """The binary question on the images labelled benign or malignant (defined with or without normal images,
+    so that datasets without them compare): ROC-AUC of the head's malignant probability among the two lesion
+    classes, and F1 of predicting malignant. Empty unless both classes are present."""
+    lesion = cases[cases["label"].isin(["benign", "malignant"])]
+    if lesion["label"].nunique() < 2:
+        return {}
+    malignant = lesion["label"] == "malignant"
+    score = lesion["p_malignant"] / (lesion["p_benign"] + lesion["p_malignant"]).clip(lower=1e-12)
+    return {"auc_malignant_vs_benign": float(roc_auc_score(malignant, score)),
+            "f1_malignant_vs_benign": float(f1_score(malignant, lesion["predicted_label"] == "malignant",
+                                                     zero_division=0))}
 
 
 def f1_weighted(actual, predicted) -> float:
@@ -132,7 +151,8 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int) -> dict:
     draws = []
     for _ in range(resamples):
         sample = cases.iloc[rng.integers(0, len(cases), len(cases))]
-        values = segmentation_metrics(sample) | {"f1_weighted": f1_weighted(sample["label"], sample["predicted_label"])}
+        values = (segmentation_metrics(sample) | malignant_vs_benign(sample)
+                  | {"f1_weighted": f1_weighted(sample["label"], sample["predicted_label"])})
         draws.append([values.get(name, np.nan) for name in names])
     with warnings.catch_warnings():  # an all-NaN column (no lesion at all) gives NaN, dropped below
         warnings.simplefilter("ignore", RuntimeWarning)

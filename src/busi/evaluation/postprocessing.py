@@ -63,7 +63,7 @@ def score(postprocessing: PostProcessing, probabilities: np.ndarray, class_proba
     """A split's metrics, per-image cases and predicted masks under `postprocessing` (its flip TTA is already in
     the probabilities). ROC-AUC is the head's, whichever way the labels are decided."""
     masks, labels = postprocessing.apply(probabilities, class_probabilities, arrays["sizes"])
-    cases = metrics.case_table(arrays["ids"], arrays["labels"], labels, masks, references)
+    cases = metrics.case_table(arrays["ids"], arrays["labels"], labels, masks, references, class_probabilities)
     return metrics.summary(cases, class_probabilities), cases, masks
 
 

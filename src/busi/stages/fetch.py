@@ -1,5 +1,7 @@
-"""Stage fetch: the raw BUSI archive, from a local file/folder (BUSI_ARCHIVE) or Kaggle, verified and
-written atomically to data/raw/Dataset_BUSI_with_GT with a manifest of every file.
+"""Stage fetch: the raw dataset, from a local file/folder (BUSI_ARCHIVE) or Kaggle, verified and written
+atomically to data/raw: the data (data/raw/Dataset_BUSI_with_GT for BUSI's layout, data/raw/dataset for the
+folders layout; params: dataset), a manifest of every file, and the index of the cases every later stage reads
+(cases.csv: id, label, group, image, masks).
 
 Everything a later stage relies on is checked here, before the previous data/raw is replaced: the layout, every
 PNG decodes and is within the pixel limit, every mask has its image's size, mask values (any other than 0/255
@@ -19,7 +21,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from busi import BusiError
-from busi.data.busi_layout import DATASET_DIR, binarize_mask, find_root, mask_levels, open_image, scan
+from busi.config import DatasetParams
+from busi.data.busi_layout import binarize_mask, mask_levels, open_image
+from busi.data.cases import FOLDER, INDEX, find_root, scan, write_index
 from busi.files import atomic_dir
 from busi.stages.source import KAGGLE_DATASET, archive_path, file_sha256
 
@@ -29,35 +33,40 @@ MAX_MEMBERS = 20_000  # BUSI has 1,578 files
 MAX_UNPACKED_BYTES = 4 * 2**30  # BUSI unpacks to about 0.2 GiB
 
 
-def fetch(out_dir: Path) -> int:
+def fetch(out_dir: Path, dataset: DatasetParams) -> int:
     """Fetch, verify and place the dataset in `out_dir`; returns the number of images."""
-    source = archive_path() or download_from_kaggle()
+    source = archive_path() or download_from_kaggle(dataset)
+    folder = FOLDER[dataset.layout]
     with atomic_dir(out_dir) as tmp:
         if source.is_dir():
-            root = find_root(source)
+            root = find_root(source, dataset)
             refuse_links(root)
-            shutil.copytree(root, tmp / DATASET_DIR)
+            shutil.copytree(root, tmp / folder)
             shown = f"{root}/"
         else:
             unpacked = tmp / ".unpacked"
             safe_extract(source, unpacked)
             try:
-                root = find_root(unpacked)
-            except BusiError:
-                raise BusiError(f"{source}: no {DATASET_DIR}/ or class folders inside the archive") from None
+                root = find_root(unpacked, dataset)
+            except BusiError as err:
+                raise BusiError(f"{source}: {str(err).split(': ', 1)[1]}") from None
             shown = f"{source}: {root.relative_to(unpacked).as_posix()}/".replace(": ./", ": ")
-            root.rename(tmp / DATASET_DIR)
+            root.rename(tmp / folder)
             shutil.rmtree(unpacked, ignore_errors=True)
         try:  # errors name the member of the user's archive, not the temporary folder
-            cases = scan(tmp / DATASET_DIR)
-            write_manifest(tmp, tmp / MANIFEST, cases, shown)
+            cases = scan(tmp / folder, dataset)
+            write_manifest(tmp, tmp / MANIFEST, cases, shown, folder)
+            write_index(cases, tmp, tmp / INDEX)
         except BusiError as err:
-            raise BusiError(str(err).replace(f"{tmp / DATASET_DIR}/", shown)) from None
+            raise BusiError(str(err).replace(f"{tmp / folder}/", shown)) from None
     return len(cases)
 
 
-def download_from_kaggle() -> Path:
+def download_from_kaggle(dataset: DatasetParams) -> Path:
     """Kaggle's public copy through kagglehub (no credentials needed); fails fast when offline."""
+    if dataset.layout != "busi":
+        raise BusiError("params: dataset.layout is folders: set BUSI_ARCHIVE to your dataset's folder or .zip "
+                        "(Kaggle's copy is BUSI, in the busi layout)")
     try:
         socket.create_connection(("www.kaggle.com", 443), timeout=5).close()
     except OSError as err:
@@ -75,7 +84,7 @@ def safe_extract(archive: Path, target: Path) -> None:
     than MAX_MEMBERS members or more than MAX_UNPACKED_BYTES unpacked (zipfile never yields more bytes than a
     member's header declares, so the declared sizes bound what is written)."""
     if not zipfile.is_zipfile(archive):
-        raise BusiError(f"BUSI_ARCHIVE={archive}: not a zip archive (give a .zip or an extracted folder)")
+        raise BusiError(f"{archive}: not a zip archive (give a .zip or an extracted folder)")
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
         if len(members) > MAX_MEMBERS:
@@ -98,7 +107,7 @@ def refuse_links(folder: Path) -> None:
             raise BusiError(f"{path}: a symbolic link in the source folder (links are not followed)")
 
 
-def write_manifest(base: Path, manifest: Path, cases, shown: str) -> None:
+def write_manifest(base: Path, manifest: Path, cases, shown: str, folder: str) -> None:
     """One row per PNG: path, sha256, size, width, height, mode, and for a mask its gray levels. Decoding every
     file verifies it; every mask must have its image's size; masks that are not 0/255 get a warning."""
     rows = []
@@ -113,7 +122,7 @@ def write_manifest(base: Path, manifest: Path, cases, shown: str) -> None:
             values = np.unique(levels)
             _, threshold = binarize_mask(levels)
             if threshold is not None:
-                shown_path = str(path).replace(f"{base / DATASET_DIR}/", shown)
+                shown_path = str(path).replace(f"{base / folder}/", shown)
                 print(f"warning: {shown_path}: mask values {' '.join(map(str, values[:8]))}"
                       f"{' ...' if len(values) > 8 else ''} are not 0/255: lesion where above {threshold}",
                       file=sys.stderr)

@@ -1,5 +1,5 @@
 """Stage merge_masks: one binary mask per image (0/255, the image's own size), the logical OR of all
-its mask files. Normal images get an all-zero mask."""
+its mask files. An image without a mask file (normal) gets an all-zero mask."""
 
 from pathlib import Path
 
@@ -7,13 +7,14 @@ import numpy as np
 from PIL import Image
 
 from busi import BusiError
-from busi.data.busi_layout import find_root, read_mask, scan
+from busi.data.busi_layout import read_mask
+from busi.data.cases import read_cases
 from busi.files import atomic_dir
 
 
 def merge_masks(raw_dir: Path, out_dir: Path) -> int:
     """Write `<out_dir>/<image_id>.png` for every image; returns the number written."""
-    cases = scan(find_root(raw_dir))
+    cases = read_cases(raw_dir)
     with atomic_dir(out_dir) as tmp:
         for case in cases:
             with Image.open(case.image) as image:  # fetch decoded it already; the size is enough here

@@ -8,13 +8,14 @@ import cv2
 import numpy as np
 
 from busi import CLASSES, SPLITS, BusiError
-from busi.data.busi_layout import find_root, read_gray, scan
+from busi.data.busi_layout import read_gray
+from busi.data.cases import read_cases
 from busi.files import atomic_dir
 
 
 def preprocess(raw_dir: Path, masks_dir: Path, splits_csv: Path, image_size: int, out_dir: Path) -> dict:
     """Write `<out_dir>/<split>.npz` with images, masks, labels, ids and original sizes; returns counts."""
-    image_of = {case.image_id: case.image for case in scan(find_root(raw_dir))}
+    image_of = {case.image_id: case.image for case in read_cases(raw_dir)}
     with Path(splits_csv).open(newline="") as f:
         rows = list(csv.DictReader(f))
     counts = {}

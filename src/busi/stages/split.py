@@ -1,6 +1,7 @@
 """Stage split: train/val/test, stratified by class, seeded and group-aware. Copies of one scan and
-consecutive frames of one lesion (found by busi.data.copies) form a group that never straddles two splits;
-train+val also get k group-aware folds."""
+consecutive frames of one lesion (found by busi.data.copies), and the images of one patient or case where the
+dataset names them (dataset.case_column), form a group that never straddles two splits; train+val also get k
+group-aware folds."""
 
 import csv
 import json
@@ -12,25 +13,26 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from busi import CLASSES, SPLITS, BusiError
 from busi.config import SplitParams
-from busi.data.busi_layout import find_root, scan
+from busi.data.cases import read_cases
 from busi.data.copies import copy_groups, find_copy_pairs
 from busi.files import atomic_file
 
 
 def split(raw_dir: Path, params: SplitParams, out_csv: Path, report_json: Path) -> dict:
     """Write splits.csv (image_id, label, split, group, fold) and the split report; returns the report."""
-    cases = scan(find_root(raw_dir))
+    cases = read_cases(raw_dir)
     label_of = {case.image_id: case.label for case in cases}
     pairs = find_copy_pairs({case.image_id: case.image for case in cases},
                             {case.image_id: case.masks for case in cases})
-    group_of = copy_groups(label_of, pairs)
-    members = defaultdict(list)
-    for image_id, group in group_of.items():
-        members[group].append(image_id)
-
-    conflicts = {g: sorted(ids) for g, ids in sorted(members.items()) if len({label_of[i] for i in ids}) > 1}
-    if params.conflicts == "drop":
-        members = {g: ids for g, ids in members.items() if g not in conflicts}
+    # Copies filed under two classes are a conflict (the same lesion can't be both); a patient's lesions may be.
+    copies = members_of(copy_groups(label_of, pairs))
+    conflicts = {g: sorted(ids) for g, ids in sorted(copies.items()) if len({label_of[i] for i in ids}) > 1}
+    dropped = {i for ids in conflicts.values() for i in ids} if params.conflicts == "drop" else set()
+    by_case = members_of({case.image_id: case.group for case in cases if case.group})
+    case_links = [(ids[0], other) for ids in by_case.values() for other in ids[1:]]
+    group_of = copy_groups(label_of, [(p.a, p.b) for p in pairs] + case_links)
+    members = {g: [i for i in ids if i not in dropped] for g, ids in members_of(group_of).items()}
+    members = {g: ids for g, ids in members.items() if ids}
     split_of = assign_groups(members, label_of, params)
     rows = sorted((i, label_of[i], split_of[g], g) for g, ids in members.items() for i in ids)
     fold_of = assign_folds([r for r in rows if r[2] != "test"], params)
@@ -53,6 +55,7 @@ def split(raw_dir: Path, params: SplitParams, out_csv: Path, report_json: Path) 
         "groups_with_copies": sum(size > 1 for size in sizes.values()),
         "images_in_copy_groups": sum(size for size in sizes.values() if size > 1),
         "largest_group": max(sizes.values()),
+        "cases_of_several_images": sum(len(ids) > 1 for ids in by_case.values()),  # dataset.case_column
         "counts": {s: {**c, "total": sum(c.values())} for s, c in counts.items()},
         "conflicts": {
             "handling": params.conflicts,
@@ -64,6 +67,14 @@ def split(raw_dir: Path, params: SplitParams, out_csv: Path, report_json: Path) 
     with atomic_file(report_json) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def members_of(group_of: dict[str, str]) -> dict[str, list[str]]:
+    """{group: [ids]} from {id: group}."""
+    members = defaultdict(list)
+    for image_id, group in group_of.items():
+        members[group].append(image_id)
+    return dict(members)
 
 
 def assign_groups(members: dict[str, list[str]], label_of: dict[str, str], params: SplitParams) -> dict:

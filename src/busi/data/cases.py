@@ -1,0 +1,71 @@
+"""A dataset as a list of cases (image, masks, label, group), whatever its layout: the layouts' dispatch, the
+index that fetch writes beside the data (data/raw/cases.csv) and every later stage reads, and the reading of one
+case with the checks every stage relies on.
+
+Layouts: `busi` (busi.data.busi_layout) and `folders` (busi.data.folders_layout); params: dataset.
+"""
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from busi import BusiError
+from busi.config import DatasetParams
+from busi.data import busi_layout, folders_layout
+from busi.data.busi_layout import Case, binarize_mask, mask_levels, read_gray
+
+INDEX = "cases.csv"
+LAYOUTS = {"busi": busi_layout, "folders": folders_layout}
+FOLDER = {"busi": busi_layout.DATASET_DIR, "folders": "dataset"}  # where fetch puts the data inside data/raw
+
+
+def find_root(folder: Path, dataset: DatasetParams) -> Path:
+    """The dataset's root inside a source folder (or an unpacked archive)."""
+    if dataset.layout == "busi":
+        return busi_layout.find_root(folder)
+    return folders_layout.find_root(folder, dataset)
+
+
+def scan(root: Path, dataset: DatasetParams) -> list[Case]:
+    return busi_layout.scan(root) if dataset.layout == "busi" else folders_layout.scan(root, dataset)
+
+
+def write_index(cases: list[Case], base: Path, path: Path) -> None:
+    """One row per image, paths relative to `base` (the folder the index is in)."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "label", "group", "image", "masks"])
+        for case in cases:
+            writer.writerow([case.image_id, case.label, case.group, case.image.relative_to(base).as_posix(),
+                             ";".join(mask.relative_to(base).as_posix() for mask in case.masks)])
+
+
+def read_cases(raw_dir: Path) -> list[Case]:
+    """The cases of fetch's output (its index), or of a BUSI-layout folder given directly."""
+    raw_dir = Path(raw_dir)
+    if not (raw_dir / INDEX).is_file():
+        return busi_layout.scan(busi_layout.find_root(raw_dir))
+    with (raw_dir / INDEX).open(newline="") as f:
+        return [Case(row["image_id"], row["label"], raw_dir / row["image"],
+                     tuple(raw_dir / mask for mask in row["masks"].split(";") if mask), row["group"])
+                for row in csv.DictReader(f)]
+
+
+def read_case(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """The image as 8-bit grayscale and its lesion mask (the OR of its mask files, by the mask rule), checked:
+    the files decode, within the pixel limit, and every mask has its image's size. A mask that is not 0/255 is
+    thresholded at its midpoint, with a warning."""
+    image = read_gray(case.image)
+    merged = np.zeros(image.shape, dtype=bool)
+    for path in case.masks:
+        levels = mask_levels(path)
+        if levels.shape != image.shape:
+            raise BusiError(f"{path}: mask is {levels.shape[1]}x{levels.shape[0]}, its image is "
+                            f"{image.shape[1]}x{image.shape[0]}")
+        mask, threshold = binarize_mask(levels)
+        if threshold is not None:
+            print(f"warning: {path}: mask values are not 0/255: lesion where above {threshold}", file=sys.stderr)
+        merged |= mask
+    return image, merged

@@ -1,0 +1,109 @@
+"""Stage evaluate_external: score a trained model on a dataset it was never trained or selected on (another
+hospital, another scanner), without retraining, beside its BUSI test metrics so that the drop is visible.
+
+The model is the predictor that predict and serving apply (the network(s) + the post-processing chosen on
+BUSI's validation split): nothing is decided on the external data. The dataset (params: external.<name>, in
+the busi or the folders layout) is read from its folder or .zip with the same checks as fetch. Outputs, in
+`--out`: <name>.json (the headline), <name>_detail.json (per class, confusion, 95% intervals, and the BUSI test
+metrics of the same model with the differences), <name>_per_image.csv, and the figure of the best and worst
+cases; all also logged to the model's MLflow run in the section external_<name>.
+"""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from busi import CLASSES, BusiError
+from busi.config import EvaluateParams, ExternalDataset
+from busi.data.cases import find_root, read_case, scan
+from busi.evaluation import figures, postprocessing
+from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
+from busi.files import atomic_file
+from busi.stages.evaluate import write_metrics
+from busi.stages.fetch import refuse_links, safe_extract
+
+MAX_IMAGES = 100_000  # an external set of 100,000 images at most (each image is within busi_layout.MAX_PIXELS)
+
+
+def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: EvaluateParams, out_dir: Path,
+                      figures_dir: Path, log: bool = True) -> dict:
+    """Write the metrics, per-image CSV and figure of `model` on the external dataset `name`; log them to the
+    model's MLflow run unless `log` is False. Returns the metrics with the BUSI comparison."""
+    from busi import tracking  # slow to import
+    from busi.commands.predict import load_model
+
+    predictor = load_model(model)
+    run = tracking.model_run(predictor.provenance.get("mlflow_run_id"), model) if log else None
+    arrays, references = read_dataset(dataset, predictor.resize)
+    counts = ", ".join(f"{np.count_nonzero(arrays['labels'] == i)} {c}" for i, c in enumerate(CLASSES))
+    print(f"evaluate-external: {name}: {len(references)} images ({counts}); "
+          f"{predictor.postprocessing.describe()} (chosen on BUSI validation)", flush=True)
+    metrics, cases, masks = postprocessing.score(predictor.postprocessing, *predictor.probabilities(arrays["images"]),
+                                                 arrays, references)
+    metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed)
+    if run is not None:
+        busi_test = {key: tracking.metric(run, "test", key) for key, value in metrics.items()
+                     if isinstance(value, int | float) and key != "images"}
+        metrics["busi_test"] = {key: value for key, value in busi_test.items() if value is not None}
+        metrics["difference"] = {key: metrics[key] - value for key, value in metrics["busi_test"].items()}
+    cases.insert(1, "case", arrays["groups"])
+
+    out_dir, figures_dir = Path(out_dir), Path(figures_dir)
+    write_metrics(out_dir / f"{name}.json", metrics)
+    with atomic_file(out_dir / f"{name}_per_image.csv") as tmp:
+        cases[["case", *CASE_COLUMNS]].to_csv(tmp, index=False, float_format="%.6f")
+    figure = figures.cases_figure(cases, arrays, references, masks, params.figure_cases, title=f"External: {name}")
+    with atomic_file(figures_dir / f"external_{name}_cases.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    print(comparison_table(metrics))
+    if run is not None:
+        print(f"evaluate-external: logging to MLflow run {run.info.run_id} as {tracking.external_section(name)}/",
+              flush=True)
+        tracking.log_external(run.info.run_id, name, {k: v for k, v in metrics.items()
+                                                      if k not in ("busi_test", "difference")},
+                              cases[["case", *CASE_COLUMNS]], figure)
+    return metrics
+
+
+def read_dataset(dataset: ExternalDataset, resize) -> tuple[dict, list[np.ndarray]]:
+    """The dataset's images at the model's size (`resize`), with ids, labels, groups and original sizes, and the
+    reference masks at the original size. A .zip is unpacked to a temporary folder, inside it only."""
+    path = Path(dataset.path).expanduser()
+    if not path.exists():
+        raise BusiError(f"{path}: no such folder or .zip (params: external dataset path)")
+    with tempfile.TemporaryDirectory(prefix="busi-external-") as tmp:
+        if path.is_dir():
+            refuse_links(path)
+            folder = path
+        else:
+            safe_extract(path, Path(tmp))
+            folder = Path(tmp)
+        try:
+            cases = scan(find_root(folder, dataset), dataset)
+            if len(cases) > MAX_IMAGES:
+                raise BusiError(f"{path}: {len(cases):,} images, more than the limit of {MAX_IMAGES:,}")
+            images, references = [], []
+            for case in cases:
+                image, mask = read_case(case)
+                images.append(resize(image))
+                references.append(mask)
+        except BusiError as err:  # name the member of the user's archive, not the temporary folder
+            raise BusiError(str(err).replace(f"{tmp}/", f"{path}: ")) from None
+    arrays = {"images": np.stack(images), "ids": np.array([case.image_id for case in cases]),
+              "labels": np.array([CLASSES.index(case.label) for case in cases], dtype=np.int64),
+              "groups": [case.group for case in cases],
+              "sizes": np.array([mask.shape for mask in references], dtype=np.int32)}
+    return arrays, references
+
+
+def comparison_table(metrics: dict) -> str:
+    """The headline beside the same model's BUSI test metrics, one line per metric."""
+    busi = metrics.get("busi_test", {})
+    lines = [f"{'metric':<26}{'external':>10}{'BUSI test':>11}{'difference':>12}"]
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and key != "images":
+            other = busi.get(key)
+            lines.append(f"{key:<26}{value:>10.3f}" + (f"{other:>11.3f}{value - other:>+12.3f}" if other is not None
+                                                      else f"{'–':>11}{'–':>12}"))
+    return "\n".join(lines)
