@@ -130,6 +130,10 @@ def test_classification_metrics_and_per_class():
     assert metrics["roc_auc_ovr"] == 1.0  # the ranking is perfect even where the argmax is wrong
     assert metrics["confusion"]["benign"] == {"benign": 1, "malignant": 1, "normal": 0}
     assert "roc_auc_ovr" not in classification_metrics(cases[cases.label != "normal"], probabilities[:3])
+    # Benign or malignant images only: malignant scores 0.1, 0.55 (benign) vs 0.9 (malignant) rank perfectly;
+    # predicted malignant: one benign (FP) and the malignant (TP): F1 = 2 / (2 + 1) = 2/3.
+    assert metrics["auc_malignant_vs_benign"] == 1.0
+    assert metrics["f1_malignant_vs_benign"] == pytest.approx(2 / 3)
 
     cases["tp"], cases["fp"], cases["fn"], cases["tn"] = [4, 4, 4, 0], 0, 0, 12
     cases["lesion_area_px"], cases["predicted_area_px"] = [4, 4, 4, 0], [4, 4, 4, 0]
@@ -195,7 +199,9 @@ def test_bootstrap_interval_holds_the_estimate_and_is_seeded(tmp_path):
     predictions = [np.roll(reference, int(rng.integers(0, 5)), axis=1) for reference in references]
     cases = score_masks(tmp_path, references, predictions, ["benign"] * 15 + ["malignant"] * 15)
     cases["predicted_label"] = rng.choice(["benign", "malignant"], 30)
-    point = segmentation_metrics(cases) | classification_metrics(cases, np.full((30, 3), 1 / 3))
+    probabilities = rng.dirichlet(np.ones(3), 30)
+    cases[["p_benign", "p_malignant", "p_normal"]] = probabilities
+    point = segmentation_metrics(cases) | classification_metrics(cases, probabilities)
     ci = bootstrap_ci(cases, 200, seed=1)
     assert set(ci) == set(CI_METRICS)
     for name in CI_METRICS:
@@ -214,8 +220,9 @@ def test_contour_figure_shows_the_best_and_worst_case_per_class(tmp_path):
     _, cases, preds = score(PostProcessing(), np.stack(predictions).astype(np.float32), np.full((5, 3), 1 / 3),
                             arrays, refs)
     figure = cases_figure(cases, arrays, refs, preds, count=1)
-    titles = [[ax.get_title().split("\n")[0] for ax in figure.axes[row * 2 : row * 2 + 2]] for row in range(3)]
-    assert titles == [["benign (1)", "benign (2)"], ["", ""], ["normal (4)", "normal (3)"]]
+    titles = [[ax.get_title().split("\n")[0] for ax in figure.axes[row * 2 : row * 2 + 2]] for row in range(2)]
+    assert titles == [["benign (1)", "benign (2)"], ["normal (4)", "normal (3)"]]  # a row per class present
+    assert len(figure.axes) == 4
 
 
 @pytest.fixture
@@ -254,7 +261,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
     assert chosen_on == [list(val["ids"])]
     headline = {"images", "iou", "dice", "pixel_accuracy", "dice_per_image", "iou_per_image", "normal_fp_rate",
-                "f1_weighted", "f1_macro", "accuracy", "roc_auc_ovr"}
+                "f1_weighted", "f1_macro", "accuracy", "roc_auc_ovr", "auc_malignant_vs_benign",
+                "f1_malignant_vs_benign"}
     metrics = json.loads((tmp_path / "test_detail.json").read_text())
     assert headline | {"confusion", "per_class", "ci95", "postprocessing"} == set(metrics)
     # The DVC metrics file holds the headline only: what `dvc metrics show` and `dvc exp show` tabulate.
@@ -280,7 +288,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
 
     per_image = pd.read_csv(tmp_path / "plots/per_image.csv")
     assert list(per_image.columns) == ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px",
-                                       "predicted_area_px", "tp", "fp", "fn", "tn"]
+                                       "predicted_area_px", "tp", "fp", "fn", "tn", "p_benign", "p_malignant",
+                                       "p_normal"]
     assert list(per_image.image_id) == list(test["ids"])
     for row in per_image.itertuples():  # reference areas counted at the original resolution
         original = cv2.imread(str(masks_dir / f"{row.image_id}.png"), cv2.IMREAD_GRAYSCALE)

@@ -104,7 +104,8 @@ def classification_metrics(cases: pd.DataFrame, class_probabilities: np.ndarray)
                "accuracy": accuracy_score(actual, predicted)}
     if actual.nunique() == len(CLASSES):  # one-vs-rest AUC is undefined for a class the split lacks
         metrics["roc_auc_ovr"] = roc_auc_score(actual, class_probabilities, multi_class="ovr", labels=list(CLASSES))
-    metrics |= malignant_vs_benign(cases)
+    probabilities = dict(zip(PROBABILITY_COLUMNS, np.asarray(class_probabilities, dtype=float).T, strict=True))
+    metrics |= malignant_vs_benign(cases.assign(**probabilities))
     matrix = confusion_matrix(actual, predicted, labels=list(CLASSES))
     return {**{key: float(value) for key, value in metrics.items()},
             "confusion": {a: {p: int(n) for p, n in zip(CLASSES, row, strict=True)}

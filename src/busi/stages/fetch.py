@@ -33,8 +33,10 @@ MAX_MEMBERS = 20_000  # BUSI has 1,578 files
 MAX_UNPACKED_BYTES = 4 * 2**30  # BUSI unpacks to about 0.2 GiB
 
 
-def fetch(out_dir: Path, dataset: DatasetParams) -> int:
-    """Fetch, verify and place the dataset in `out_dir`; returns the number of images."""
+def fetch(out_dir: Path, dataset: DatasetParams | None = None) -> int:
+    """Fetch, verify and place the dataset (`dataset`: its layout; BUSI's by default) in `out_dir`; returns the
+    number of images."""
+    dataset = dataset or DatasetParams()
     source = archive_path() or download_from_kaggle(dataset)
     folder = FOLDER[dataset.layout]
     with atomic_dir(out_dir) as tmp:
