@@ -229,3 +229,21 @@ def test_dvc_repro_trains_on_a_folders_dataset_and_scores_the_external_one(tmp_p
 
     again = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True).stdout
     assert "Stage 'evaluate_external@hospital-b' didn't change" in again
+
+
+def test_patients_are_drawn_whole_in_the_bootstrap():
+    """Twenty patients of two identical images each: drawn image by image, the interval pretends to forty
+    independent measurements; drawn by patient it is about sqrt(2) wider, as twenty measurements are."""
+    from busi.evaluation.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    tp = np.repeat(rng.integers(0, 40, 20), 2)  # per patient, the same counts for both images
+    cases = pd.DataFrame({"label": "benign", "predicted_label": "benign", "tp": tp, "fp": 40 - tp, "fn": 40 - tp,
+                          "tn": 1000, "p_benign": 1.0, "p_malignant": 0.0, "p_normal": 0.0})
+    cases["dice"] = 2 * tp / (2 * tp + 2 * (40 - tp))
+    cases["iou"] = tp / (tp + 2 * (40 - tp))
+    cases["lesion_area_px"], cases["predicted_area_px"] = 40, 40
+    patients = np.repeat([f"P{i}" for i in range(20)], 2)
+    width = {name: ci["dice_per_image"]["high"] - ci["dice_per_image"]["low"] for name, ci in
+             {"images": bootstrap_ci(cases, 400, 0), "patients": bootstrap_ci(cases, 400, 0, patients)}.items()}
+    assert 1.2 < width["patients"] / width["images"] < 1.7

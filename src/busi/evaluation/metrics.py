@@ -142,16 +142,20 @@ def per_class_metrics(cases: pd.DataFrame) -> dict:
     return per_class
 
 
-def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int) -> dict:
+def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) -> dict:
     """95% percentile intervals of every `interval` metric over `resamples` draws of images with replacement
-    (pooled metrics are recomputed over each draw's pixels). A metric undefined in a draw skips that draw."""
+    (pooled metrics are recomputed over each draw's pixels). With `groups` (one per image, e.g. the patient), whole
+    groups are drawn: images of one patient are not independent. A metric undefined in a draw skips that draw."""
     names = [metric.key for metric in METRICS if metric.interval]
     if not resamples or not len(cases):
         return {}
     rng = np.random.default_rng(seed)
+    rows_of = (list(pd.Series(np.arange(len(cases))).groupby(list(groups), sort=True).apply(list))
+               if groups is not None else [[i] for i in range(len(cases))])
     draws = []
     for _ in range(resamples):
-        sample = cases.iloc[rng.integers(0, len(cases), len(cases))]
+        picked = rng.integers(0, len(rows_of), len(rows_of))
+        sample = cases.iloc[[row for i in picked for row in rows_of[i]]]
         values = (segmentation_metrics(sample) | malignant_vs_benign(sample)
                   | {"f1_weighted": f1_weighted(sample["label"], sample["predicted_label"])})
         draws.append([values.get(name, np.nan) for name in names])

@@ -41,7 +41,9 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
           f"{predictor.postprocessing.describe()} (chosen on BUSI validation)", flush=True)
     metrics, cases, masks = postprocessing.score(predictor.postprocessing, *predictor.probabilities(arrays["images"]),
                                                  arrays, references)
-    metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed)
+    # Images of one patient are not independent: where the dataset names the patients, whole patients are drawn.
+    groups = [group or image_id for group, image_id in zip(arrays["groups"], arrays["ids"], strict=True)]
+    metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed, groups)
     if run is not None:
         busi_test = {key: tracking.metric(run, "test", key) for key, value in metrics.items()
                      if isinstance(value, int | float) and key != "images"}
