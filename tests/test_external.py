@@ -167,6 +167,17 @@ def test_evaluate_external_writes_metrics_csv_figure_and_logs_them_beside_busi(e
     logged = {a.path for a in store.list_artifacts(run_id)}
     assert {"external_hospital-b_per_image.json", "external_hospital-b_cases.png"} <= logged
 
+    # The study report puts it beside the BUSI test split.
+    from busi.commands.report import report
+    from test_report import table_rows
+
+    rows = table_rows(report(project / "study.md").read_text(), "## External datasets")
+    ci = detail["ci95"]["dice"]
+    row = rows[0]
+    assert len(rows) == 1 and row[0].endswith(f"(`{run_id[:8]}`)") and row[1:3] == ["hospital-b", "8"]
+    assert row[3] == f"0.700 → {headline['dice']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    assert row[5].startswith("0.900 → ")
+
 
 def test_evaluate_external_errors_are_one_line(external_project, capsys):
     project, _ = external_project

@@ -205,7 +205,7 @@ LEGACY_SPLIT = {"test": "test", "val_eval": "val"}
 def metric(run: Run, split: str, key: str, bound: str | None = None) -> float | None:
     """A run's evaluation metric as evaluation_names named it (`bound`: "low"/"high" of its 95% interval)."""
     name = f"{split}_ci95/{key}_{bound}" if bound else f"{split}_detail/{key}" if "." in key else f"{split}/{key}"
-    legacy = f"{LEGACY_SPLIT[split]}.{f'ci95.{key}.{bound}' if bound else key}"
+    legacy = f"{LEGACY_SPLIT.get(split, split)}.{f'ci95.{key}.{bound}' if bound else key}"
     return run.data.metrics.get(name, run.data.metrics.get(legacy))
 
 
@@ -304,6 +304,12 @@ def resumed(run_id: str):
 def external_section(name: str) -> str:
     """The MLflow section of an external dataset's metrics: external_<name>/dice, external_<name>_ci95/..."""
     return f"external_{name}"
+
+
+def external_datasets(run: Run) -> list[str]:
+    """The external datasets a run was scored on (every evaluation logs `<section>/images`)."""
+    return sorted(name.removeprefix("external_").removesuffix("/images") for name in run.data.metrics
+                  if name.startswith("external_") and name.endswith("/images"))
 
 
 def model_run(run_id: str | None, model: str) -> Run:

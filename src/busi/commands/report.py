@@ -7,6 +7,9 @@ reports/study.md with one row per evaluated run beside the study's own Table 1, 
 reports/study_val_curves.png, both also logged to the experiment's `study-report` run. Finished runs without
 any test metric are listed under the table as not evaluated.
 
+Runs scored on external datasets (`busi evaluate-external`) get a table of those scores beside their BUSI test
+split's.
+
 Cross-validated configurations (`python -m busi cross-validate`: a parent run whose children are the folds) get
 a table of their own: the fold mean ± sd on validation, the fold ensemble's test metrics with 95% intervals, the
 time, and each row's paired comparison with the best row (by mean validation Dice) on the same test images
@@ -52,6 +55,9 @@ def report(out_md: Path, experiment: str | None = None, where: str = "") -> Path
     text = markdown(name, uri, finished, curves, unfinished, figure.name, where)
     if cross_validated:
         text = text.replace("## The study's Table 1", cv_section(cross_validated) + "## The study's Table 1", 1)
+    external = [run for run in [*cross_validated, *finished] if tracking.external_datasets(run)]
+    if external:
+        text = text.replace("## The study's Table 1", external_section(external) + "## The study's Table 1", 1)
     with atomic_file(out_md) as tmp:
         tmp.write_text(text)
     tracking.log_report(name, [Path(out_md), figure])
@@ -165,6 +171,33 @@ def cv_section(runs: list[Run]) -> str:
     ])
 
 
+EXTERNAL = [("dice", "Dice"), ("dice_per_image", "per-image Dice"), ("auc_malignant_vs_benign", "malignant AUC"),
+            ("f1_weighted", "weighted F1")]
+
+
+def external_section(runs: list[Run]) -> str:
+    """Per run and external dataset: each metric of EXTERNAL on BUSI's test split, then on the external data."""
+    header = ["run", "dataset", "images", *(f"{title}: BUSI test → external [95% CI]" for _, title in EXTERNAL)]
+    rows = []
+    for run in runs:
+        for dataset in tracking.external_datasets(run):
+            section = tracking.external_section(dataset)
+            rows.append([f"{run.info.run_name} (`{run.info.run_id[:8]}`)", dataset,
+                         f"{number(tracking.metric(run, section, 'images')):.0f}",
+                         *(f"{plain(tracking.metric(run, 'test', key))} → {with_interval(run, key, section)}"
+                           for key, _ in EXTERNAL)])
+    return "\n".join([
+        "## External datasets",
+        "",
+        "Each model on data it never saw (`busi evaluate-external`: another hospital or scanner), beside its own",
+        "BUSI test split: the drop is what leaving BUSI costs.",
+        "",
+        *table(header, rows),
+        "",
+        "",
+    ])
+
+
 def mean_sd(run: Run, key: str) -> str:
     return f"{number(tracking.cv_metric(run, key, 'mean')):.3f} ± {number(tracking.cv_metric(run, key, 'sd')):.3f}"
 
@@ -191,11 +224,11 @@ def plain(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def with_interval(run: Run, key: str) -> str:
-    value = tracking.metric(run, "test", key)
+def with_interval(run: Run, key: str, split: str = "test") -> str:
+    value = tracking.metric(run, split, key)
     if value is None or math.isnan(value):
         return "–"
-    low, high = tracking.metric(run, "test", key, "low"), tracking.metric(run, "test", key, "high")
+    low, high = tracking.metric(run, split, key, "low"), tracking.metric(run, split, key, "high")
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
 
 
