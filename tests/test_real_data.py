@@ -56,3 +56,40 @@ def test_real_split_keeps_every_group_of_copies_in_one_split(real_archive, tmp_p
     assert report["frame_pairs"] >= 9
     for name, fraction in [("train", 0.70), ("val", 0.15), ("test", 0.15)]:
         assert abs(report["counts"][name]["total"] / len(rows) - fraction) < 0.02
+
+
+def test_real_archive_in_the_folders_layout_gives_the_same_split(real_archive, tmp_path, monkeypatch):
+    """BUSI rewritten as images/, masks/mask_<id>.png (merged) and a labels CSV with its own column names and the
+    split's groups as the patient column (as bench/busi_as_folders.py writes it): fetched and split in the
+    folders layout, the same images land in the same split and fold."""
+    import numpy as np
+    from PIL import Image
+
+    from busi.config import DatasetParams
+    from busi.data.cases import read_case, read_cases
+
+    monkeypatch.setenv("BUSI_ARCHIVE", str(real_archive))
+    fetch(tmp_path / "raw")
+    params = load_params(REPO / "params.yaml").split
+    split(tmp_path / "raw", params, tmp_path / "splits.csv", tmp_path / "split.json")
+    busi_rows = {row["image_id"]: row for row in csv.DictReader((tmp_path / "splits.csv").open())}
+
+    folders = tmp_path / "folders"
+    (folders / "images").mkdir(parents=True)
+    (folders / "masks").mkdir()
+    lines = ["file,diagnosis,patient,source"]
+    for case in read_cases(tmp_path / "raw"):
+        (folders / "images" / f"{case.image_id}.png").write_bytes(case.image.read_bytes())
+        Image.fromarray(read_case(case)[1].astype(np.uint8) * 255).save(folders / "masks" / f"mask_{case.image_id}.png")
+        group = busi_rows[case.image_id]["group"] if case.image_id in busi_rows else ""
+        lines.append(f'"{case.image_id}",{case.label.upper()},"{group}",BUSI')
+    (folders / "labels.csv").write_text("\n".join(lines) + "\n")
+    dataset = DatasetParams(layout="folders", mask_name="mask_{id}.png", id_column="file", label_column="diagnosis",
+                            case_column="patient")
+    monkeypatch.setenv("BUSI_ARCHIVE", str(folders))
+    assert fetch(tmp_path / "raw_folders", dataset) == 780
+    split(tmp_path / "raw_folders", params, tmp_path / "splits_folders.csv", tmp_path / "split_folders.json")
+    folders_rows = {row["image_id"]: row for row in csv.DictReader((tmp_path / "splits_folders.csv").open())}
+    assert folders_rows.keys() == busi_rows.keys() and len(busi_rows) == 760
+    assert all((folders_rows[i]["split"], folders_rows[i]["fold"]) == (busi_rows[i]["split"], busi_rows[i]["fold"])
+               for i in busi_rows)
