@@ -99,6 +99,8 @@ def test_fetch_indexes_a_zipped_dataset_and_split_keeps_each_patient_in_one_spli
     splits_of_case = rows.groupby("group_case")["split"].nunique()
     assert (splits_of_case == 1).all() and len(splits_of_case) == 8  # no patient straddles two splits
     assert set(rows["split"]) == {"train", "val", "test"}
+    folds_of_case = rows[rows["split"] != "test"].groupby("group_case")["fold"].nunique()
+    assert (folds_of_case == 1).all()  # nor two cross-validation folds
 
 
 def test_fetch_refuses_a_folders_dataset_without_an_archive(tmp_path, monkeypatch):
@@ -153,7 +155,8 @@ def test_evaluate_external_writes_metrics_csv_figure_and_logs_them_beside_busi(e
     detail = json.loads((project / "metrics/external/hospital-b_detail.json").read_text())
     assert headline["images"] == 8 and {"dice", "dice_per_image", "iou", "f1_weighted"} <= headline.keys()
     assert "roc_auc_ovr" not in headline  # no normal images: the binary question instead
-    assert 0 <= headline["auc_malignant_vs_benign"] <= 1 and "f1_malignant_vs_benign" in headline
+    assert set(detail["per_class"]) == {"benign", "malignant"}  # no normal entry whose F1 would read as 0
+    assert 0 <= headline["auc_malignant_vs_benign"] <= 1 and "f1_malignant_vs_benign" in detail
     assert detail["busi_test"] == {"dice": 0.7, "dice_per_image": 0.65, "auc_malignant_vs_benign": 0.9}
     assert detail["difference"]["dice"] == pytest.approx(headline["dice"] - 0.7)
     assert detail["ci95"]["dice"]["low"] <= headline["dice"] <= detail["ci95"]["dice"]["high"]
@@ -191,6 +194,19 @@ def test_evaluate_external_errors_are_one_line(external_project, capsys):
     assert main(["evaluate-external", "hospital-b", "--model", "elsewhere"]) == 1
     assert f"its MLflow run {'0' * 32} is not in the tracking store" in capsys.readouterr().err
     assert not (project / "metrics/external").exists()  # nothing half-written
+
+
+def test_an_external_dataset_holding_images_the_model_saw_is_refused(external_project, monkeypatch, capsys):
+    project, _ = external_project  # as if the model had been trained on the "external" dataset itself
+    monkeypatch.setenv("BUSI_ARCHIVE", str(project / "ext" / "hospital_b"))
+    fetch(project / "data/raw", DATASET)
+    split(project / "data/raw", load_params(REPO / "params.yaml").split.model_copy(update={"folds": 2}),
+          project / "data/splits.csv", project / "split.json")
+    assert main(["evaluate-external", "hospital-b"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {project / 'hb.zip'}: " in err and " images are byte-identical to images the model was trained " \
+        "or selected on (e.g. " in err and err.count("\n") == 1
+    assert not (project / "metrics/external").exists()
 
 
 def folders_repo(tmp_path) -> tuple[Path, dict]:

@@ -176,14 +176,18 @@ def test_two_queued_experiments_run_at_once_on_a_fresh_store(dvc_repo):
     assert not (repo / "mlflow.db").exists()
     for name, lr in (("one", "0.002"), ("two", "0.003")):
         sh("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", cwd=repo, env=env)
-    sh("dvc", "queue", "start", "-j", "2", cwd=repo, env=env)
+    # The workers are daemons that inherit the starter's output: not a pipe, or waiting for it would wait for them
+    # (and a worker can hang after its task: DVC's monitor may shut down while the task still runs).
+    with (repo / "queue_start.log").open("w") as log:
+        started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=log, stderr=log)
+    assert started.returncode == 0, (repo / "queue_start.log").read_text()
     deadline = time.monotonic() + 600
     while True:
         status = sh("dvc", "queue", "status", cwd=repo, env=env)
         if "Running" not in status and "Queued" not in status or time.monotonic() > deadline:
             break
         time.sleep(3)
-    sh("dvc", "queue", "stop", cwd=repo, env=env)
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True, timeout=120)
     assert status.count("Success") == 2 and "Failed" not in status, status
     assert run_names(repo) == ["resnet18-scse-one", "resnet18-scse-two"]
 

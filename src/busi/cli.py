@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "predictor (cv/results/predictor), or an MLflow model URI")
     cmd.add_argument("--out", type=Path, default=Path("metrics/external"), help="metrics and per-image CSV")
     cmd.add_argument("--figures", type=Path, default=Path("reports/figures"), help="where the figure goes")
+    cmd.add_argument("--raw", type=Path, default=Path("data/raw"),
+                     help="fetch's output: its train and val images must not be in the dataset")
+    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="split's output")
     cmd.add_argument("--no-mlflow", action="store_true",
                      help="neither log to MLflow nor compare with the BUSI test metrics (a model without a run)")
 
@@ -232,7 +235,7 @@ def run(args: argparse.Namespace, params) -> str:
             raise BusiError(f"{args.params}: external.{args.name}: not configured (configured: "
                             f"{', '.join(params.external) or 'none'})")
         metrics = evaluate_external(args.name, params.external[args.name], args.model, params.evaluate, args.out,
-                                    args.figures, log=not args.no_mlflow)
+                                    args.figures, log=not args.no_mlflow, raw_dir=args.raw, splits_csv=args.splits)
         return (f"{args.name}: dice {metrics.get('dice', float('nan')):.3f}, dice_per_image "
                 f"{metrics.get('dice_per_image', float('nan')):.3f}, f1_weighted {metrics['f1_weighted']:.3f}; "
                 f"in {args.out}")

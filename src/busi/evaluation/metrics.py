@@ -131,13 +131,16 @@ def f1_weighted(actual, predicted) -> float:
 
 
 def per_class_metrics(cases: pd.DataFrame) -> dict:
-    """Segmentation metrics within each class, and that class's precision, recall and F1 as a prediction."""
+    """Segmentation metrics within each class present, and that class's precision, recall and F1 as a prediction
+    (a class the images lack, as normal in many external datasets, has no entry: its F1 would read as 0)."""
     precision, recall, f1, _ = precision_recall_fscore_support(cases["label"], cases["predicted_label"],
                                                                labels=list(CLASSES), zero_division=0)
     per_class = {}
     for i, name in enumerate(CLASSES):
         subset = cases[cases["label"] == name]
-        per_class[name] = {"images": len(subset), **(segmentation_metrics(subset) if len(subset) else {}),
+        if not len(subset):
+            continue
+        per_class[name] = {"images": len(subset), **segmentation_metrics(subset),
                            "f1": float(f1[i]), "precision": float(precision[i]), "recall": float(recall[i])}
     return per_class
 

@@ -9,6 +9,7 @@ metrics of the same model with the differences), <name>_per_image.csv, and the f
 cases; all also logged to the model's MLflow run in the section external_<name>.
 """
 
+import csv
 import tempfile
 from pathlib import Path
 
@@ -16,26 +17,29 @@ import numpy as np
 
 from busi import CLASSES, BusiError
 from busi.config import EvaluateParams, ExternalDataset
-from busi.data.cases import find_root, read_case, scan
+from busi.data.cases import INDEX, find_root, read_case, read_cases, scan
 from busi.evaluation import figures, postprocessing
 from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
 from busi.files import atomic_file
 from busi.stages.evaluate import write_metrics
-from busi.stages.fetch import refuse_links, safe_extract
+from busi.stages.fetch import MANIFEST, refuse_links, safe_extract
+from busi.stages.source import file_sha256
 
 MAX_IMAGES = 100_000  # an external set of 100,000 images at most (each image is within busi_layout.MAX_PIXELS)
 
 
 def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: EvaluateParams, out_dir: Path,
-                      figures_dir: Path, log: bool = True) -> dict:
+                      figures_dir: Path, log: bool = True, raw_dir: Path = Path("data/raw"),
+                      splits_csv: Path = Path("data/splits.csv")) -> dict:
     """Write the metrics, per-image CSV and figure of `model` on the external dataset `name`; log them to the
-    model's MLflow run unless `log` is False. Returns the metrics with the BUSI comparison."""
+    model's MLflow run unless `log` is False. Returns the metrics with the BUSI comparison. `raw_dir` and
+    `splits_csv`: the training data (fetch's and split's outputs), where the leak check looks."""
     from busi import tracking  # slow to import
     from busi.commands.predict import load_model
 
     predictor = load_model(model)
     run = tracking.model_run(predictor.provenance.get("mlflow_run_id"), model) if log else None
-    arrays, references = read_dataset(dataset, predictor.resize)
+    arrays, references = read_dataset(dataset, predictor.resize, seen_images(raw_dir, splits_csv))
     counts = ", ".join(f"{np.count_nonzero(arrays['labels'] == i)} {c}" for i, c in enumerate(CLASSES))
     print(f"evaluate-external: {name}: {len(references)} images ({counts}); "
           f"{predictor.postprocessing.describe()} (chosen on BUSI validation)", flush=True)
@@ -68,9 +72,26 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
     return metrics
 
 
-def read_dataset(dataset: ExternalDataset, resize) -> tuple[dict, list[np.ndarray]]:
+def seen_images(raw_dir: Path, splits_csv: Path) -> dict[str, str]:
+    """{sha256: image id} of the images the model was trained or selected on (train and val of the split), from
+    fetch's manifest; empty where the training data is not here."""
+    raw_dir = Path(raw_dir)
+    if not all(path.is_file() for path in (raw_dir / INDEX, raw_dir / MANIFEST, Path(splits_csv))):
+        print(f"evaluate-external: no training data at {raw_dir} and {splits_csv}: not checked for images the "
+              "model has seen", flush=True)
+        return {}
+    with Path(splits_csv).open(newline="") as f:
+        seen = {row["image_id"] for row in csv.DictReader(f) if row["split"] != "test"}
+    with (raw_dir / MANIFEST).open(newline="") as f:
+        sha = {row["path"]: row["sha256"] for row in csv.DictReader(f)}
+    return {sha[case.image.relative_to(raw_dir).as_posix()]: case.image_id for case in read_cases(raw_dir)
+            if case.image_id in seen}
+
+
+def read_dataset(dataset: ExternalDataset, resize, seen: dict[str, str]) -> tuple[dict, list[np.ndarray]]:
     """The dataset's images at the model's size (`resize`), with ids, labels, groups and original sizes, and the
-    reference masks at the original size. A .zip is unpacked to a temporary folder, inside it only."""
+    reference masks at the original size. A .zip is unpacked to a temporary folder, inside it only. An image
+    byte-identical to one of `seen` (sha256: training image id) is refused: the check must be of unseen data."""
     path = Path(dataset.path).expanduser()
     if not path.exists():
         raise BusiError(f"{path}: no such folder or .zip (params: external dataset path)")
@@ -85,6 +106,11 @@ def read_dataset(dataset: ExternalDataset, resize) -> tuple[dict, list[np.ndarra
             cases = scan(find_root(folder, dataset), dataset)
             if len(cases) > MAX_IMAGES:
                 raise BusiError(f"{path}: {len(cases):,} images, more than the limit of {MAX_IMAGES:,}")
+            leaked = [(case.image_id, seen[digest]) for case in cases if (digest := file_sha256(case.image)) in seen]
+            if leaked:
+                raise BusiError(f"{path}: {len(leaked)} images are byte-identical to images the model was trained "
+                                f"or selected on (e.g. {leaked[0][0]!r} = {leaked[0][1]!r}): an external dataset "
+                                "must be unseen")
             images, references = [], []
             for case in cases:
                 image, mask = read_case(case)
