@@ -6,6 +6,7 @@ Layouts: `busi` (busi.data.busi_layout) and `folders` (busi.data.folders_layout)
 """
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from busi.data import busi_layout, folders_layout
 from busi.data.busi_layout import Case, binarize_mask, mask_levels, read_gray
 
 INDEX = "cases.csv"
-LAYOUTS = {"busi": busi_layout, "folders": folders_layout}
 FOLDER = {"busi": busi_layout.DATASET_DIR, "folders": "dataset"}  # where fetch puts the data inside data/raw
 
 
@@ -33,13 +33,13 @@ def scan(root: Path, dataset: DatasetParams) -> list[Case]:
 
 
 def write_index(cases: list[Case], base: Path, path: Path) -> None:
-    """One row per image, paths relative to `base` (the folder the index is in)."""
+    """One row per image, paths relative to `base` (the folder the index is in); masks as a JSON list."""
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "label", "group", "image", "masks"])
         for case in cases:
             writer.writerow([case.image_id, case.label, case.group, case.image.relative_to(base).as_posix(),
-                             ";".join(mask.relative_to(base).as_posix() for mask in case.masks)])
+                             json.dumps([mask.relative_to(base).as_posix() for mask in case.masks])])
 
 
 def read_cases(raw_dir: Path) -> list[Case]:
@@ -49,7 +49,7 @@ def read_cases(raw_dir: Path) -> list[Case]:
         return busi_layout.scan(busi_layout.find_root(raw_dir))
     with (raw_dir / INDEX).open(newline="") as f:
         return [Case(row["image_id"], row["label"], raw_dir / row["image"],
-                     tuple(raw_dir / mask for mask in row["masks"].split(";") if mask), row["group"])
+                     tuple(raw_dir / mask for mask in json.loads(row["masks"])), row["group"])
                 for row in csv.DictReader(f)]
 
 
