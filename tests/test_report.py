@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -178,3 +179,42 @@ def test_where_keeps_the_runs_that_pass_an_mlflow_filter(store, tmp_path):
         report(tmp_path / "bad.md", None, "params.nope ==")
     with pytest.raises(BusiError, match="has no finished runs matching"):
         report(tmp_path / "none.md", None, "params.`model.encoder` = 'vgg19'")
+
+
+def test_recipe_table_compares_out_of_fold_predictions_with_the_baseline(tmp_path, monkeypatch):
+    """Two cross-validations whose OOF tables differ only in the labels: the baseline calls one benign image
+    malignant and the normal one benign; the other recipe gets all four right. Weighted F1 by hand: baseline
+    benign F1 2*1/(2+2) = 0.5 (2 images), malignant 2*1/(1+2) = 0.667 (1), normal 0 (1): (1 + 0.667) / 4 = 0.417;
+    the recipe 1.0, so Δ +0.583. The masks are the same, so Δ per-image Dice is exactly 0."""
+    from busi.evaluation.metrics import case_table
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("busi", artifact_location=(tmp_path / "artifacts").as_uri())
+    lesion = np.zeros((4, 4), bool)
+    lesion[:2, :2] = True
+    references = [lesion, lesion, lesion, np.zeros((4, 4), bool)]
+    predictions = [lesion, lesion, np.zeros((4, 4), bool), np.zeros((4, 4), bool)]
+    head = np.full((4, 3), 1 / 3)
+    for name, sampling, predicted in [("today", "uniform", [0, 1, 1, 0]), ("balanced", "balanced", [0, 0, 1, 2])]:
+        run = client.create_run(experiment, run_name=name)
+        client.log_param(run.info.run_id, "train.sampling", sampling)
+        client.log_param(run.info.run_id, "model.encoder", "resnet18")
+        client.log_metric(run.info.run_id, "cv/dice_mean", 0.5)
+        cases = case_table(["a", "b", "c", "d"], [0, 0, 1, 2], predicted, predictions, references, head)
+        with mlflow.start_run(run_id=run.info.run_id):
+            mlflow.log_table(cases, "oof_per_image.json")
+        mlflow.set_tracking_uri(None)
+    text = report(tmp_path / "study.md", None).read_text()
+    rows = table_rows(text, "## Recipes, judged on out-of-fold predictions")
+    assert [row[0].split(" (")[0] for row in rows] == ["today", "balanced"]  # the oldest is the baseline
+    assert rows[0][0].endswith(": baseline") and rows[1][0].endswith(": train.sampling=balanced")
+    assert rows[0][2].startswith("0.417 [") and rows[1][2].startswith("1.000 [")
+    assert rows[0][-2:] == ["(baseline)", "(baseline)"]
+    assert rows[1][-2].startswith("+0.583 [") and rows[1][-1] == "+0.000 [+0.000, +0.000], p 1.000"
+    named = table_rows(report(tmp_path / "again.md", None, baseline="balanced").read_text(), "## Recipes")
+    assert named[0][0].split(" (")[0] == "balanced" and named[1][-2].startswith("-0.583 [")
+    with pytest.raises(BusiError, match="--baseline 'nope'"):
+        report(tmp_path / "bad.md", None, baseline="nope")

@@ -28,7 +28,8 @@ def test_outputs_checkpoints_and_mlflow_run(processed, tmp_path, store):
                     tmp_path / "history.csv")
     assert json.loads((tmp_path / "train.json").read_text()) == summary
     assert summary["epochs_run"] == 2 and 1 <= summary["best_epoch"] <= 2
-    assert set(summary["best"]) == {"val_loss", "val_iou", "val_dice", "val_accuracy"}  # no EMA: no val_raw_*
+    assert set(summary["best"]) == {"val_loss", "val_iou", "val_dice", "val_accuracy", "val_f1_weighted",
+                                    "val_score"}  # no EMA: no val_raw_*
     model, config, state = load_checkpoint(tmp_path / "models")  # weights_only=True inside
     assert config.model.encoder == "resnet18" and state["epoch"] == summary["best_epoch"]
     assert config.image_size == SIZE  # the arrays' size it really trained at

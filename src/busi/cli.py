@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep only the largest lesion region")
     steps.add_argument("--label-from-mask", action=argparse.BooleanOptionalAction, default=None,
                        help="no predicted lesion -> normal, else the more probable of benign and malignant")
+    steps.add_argument("--mask-from-label", action=argparse.BooleanOptionalAction, default=None,
+                       help="an image labelled normal gets an empty mask")
 
     cmd = command("report", "the study's comparison table and figures from every MLflow run",
                   "Writes the markdown report and its curves figure, and logs both to the experiment's\n"
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or busi)")
     cmd.add_argument("--where", default="", help="only the runs that pass this MLflow search filter, e.g. "
                      "\"params.`train.epochs` = '3'\" (default: every run)")
+    cmd.add_argument("--baseline", default=None, help="run name of the recipe the recipe table compares others "
+                     "with (default: the oldest cross-validation with out-of-fold predictions)")
 
     cmd = command("ablate", "validation metrics as each post-processing step is added (never the test split)")
     cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
@@ -247,12 +251,13 @@ def run(args: argparse.Namespace, params) -> str:
     if args.command == "report":
         from busi.commands.report import report
 
-        return f"wrote {report(args.out, args.experiment, args.where)}"
+        return f"wrote {report(args.out, args.experiment, args.where, args.baseline)}"
     if args.command == "predict":
         from busi.commands.predict import predict
 
         overrides = {"threshold": args.threshold, "flip_tta": args.flip_tta,
-                     "largest_component": args.largest_component, "label_from_mask": args.label_from_mask}
+                     "largest_component": args.largest_component, "label_from_mask": args.label_from_mask,
+                     "mask_from_label": args.mask_from_label}
         done, failed, _ = predict(args.inputs, args.model, args.out, overrides)
         if failed:
             raise BusiError(f"{failed} of {done + failed} inputs failed (see above); the rest are in {args.out}")

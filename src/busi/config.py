@@ -97,6 +97,9 @@ class ModelParams(Section):
     pooling: Literal["max", "avg"]  # avg replaces the encoder's max-pooling layers, as the study did
     dropout: float = Field(ge=0, lt=1)  # before the classification head
     head_pooling: Literal["avg", "max"]
+    # What the classification head sees: `global` pools the deepest encoder features over the whole image;
+    # `lesion` adds the same features pooled under the predicted lesion (last two encoder stages).
+    class_head: Literal["global", "lesion"] = "global"
 
 
 class Probability(Section):
@@ -138,7 +141,12 @@ class TrainParams(Section):
     weight_decay: float = Field(ge=0)  # AdamW's decoupled L2, the study's weight decay
     scheduler: Literal["cosine", "plateau"]
     class_loss_weight: float = Field(ge=0)  # cross-entropy on the class, added to Dice + BCE on the mask
-    monitor: Literal["val_dice", "val_iou", "val_loss", "val_accuracy"]  # picks the best checkpoint
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)  # of the class cross-entropy
+    # uniform: every image once an epoch, the cross-entropy weighted by class; balanced: images drawn with
+    # replacement so that each class is a third of every epoch, the cross-entropy unweighted.
+    sampling: Literal["uniform", "balanced"] = "uniform"
+    # picks the best checkpoint; val_score is the mean of validation Dice and weighted F1 (both tasks)
+    monitor: Literal["val_dice", "val_iou", "val_loss", "val_accuracy", "val_f1_weighted", "val_score"]
     patience: int = Field(ge=1)  # early stopping: epochs without a better monitor value
     ema: float = Field(ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 turns it off
     validate_raw: bool  # with EMA, also validate the raw weights each epoch (val_raw_* in the history)
@@ -151,6 +159,8 @@ class EvaluateParams(Section):
     largest_component: Literal["auto", "on", "off"]  # auto: keep it only if it helps on the validation split
     flip_tta: Literal["auto", "on", "off"]  # average with the mirrored image; auto: decided on the validation split
     label_from_mask: Literal["auto", "on", "off"]  # no predicted lesion -> normal; auto: decided on validation
+    mask_from_label: Literal["auto", "on", "off"] = "off"  # predicted normal -> empty mask; auto: on validation
+    calibration: Literal["temperature", "off"] = "off"  # class probabilities: one temperature fitted on validation
     bootstrap: int = Field(ge=0)  # resamples for the 95% confidence intervals; 0 turns them off
     seed: int
     figure_cases: int = Field(ge=1)  # best and worst test cases per class in the contour figure

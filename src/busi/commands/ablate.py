@@ -2,7 +2,8 @@
 
 For every checkpoint given, the validation metrics at the original resolution with the post-processing steps
 switched on one at a time, in the order the evaluate stage decides them: none, + flip TTA, + largest component,
-+ labels from the mask. The test split is never read: this is for choosing, the evaluate stage for reporting.
++ labels from the mask, or instead the class gating the mask. The test split is never read: this is for
+choosing, the evaluate stage for reporting.
 """
 
 from dataclasses import replace
@@ -22,6 +23,7 @@ STEPS = [  # (name, the step it switches on), added in turn
     ("+ flip TTA", {"flip_tta": True}),
     ("+ largest component", {"largest_component": True}),
     ("+ labels from the mask", {"label_from_mask": True}),
+    ("+ the class gates the mask instead", {"label_from_mask": False, "mask_from_label": True}),
 ]
 
 

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global st
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 
-from busi import tracking
-from busi.evaluation.metrics import METRICS, PAIRED, paired_bootstrap
+from busi import BusiError, tracking
+from busi.evaluation.metrics import METRICS, PROBABILITY_COLUMNS, bootstrap_ci, paired_bootstrap, summary
 from busi.files import atomic_file
 
 # (metric under test.<key>, column title); the first four are the study's columns.
@@ -40,7 +40,7 @@ CURVES = [("val_loss", "validation loss"), ("val_iou", "validation IoU")]
 PAIRED_RESAMPLES, PAIRED_SEED = 2000, 0
 
 
-def report(out_md: Path, experiment: str | None = None, where: str = "") -> Path:
+def report(out_md: Path, experiment: str | None = None, where: str = "", baseline: str | None = None) -> Path:
     """Write the table to `out_md` and the curves to `<stem>_val_curves.png` beside it, and log both to the
     experiment's `study-report` run; returns `out_md`."""
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "busi"
@@ -55,6 +55,9 @@ def report(out_md: Path, experiment: str | None = None, where: str = "") -> Path
     text = markdown(name, uri, finished, curves, unfinished, figure.name, where)
     if cross_validated:
         text = text.replace("## The study's Table 1", cv_section(cross_validated) + "## The study's Table 1", 1)
+    recipes = recipe_section(cross_validated, baseline)
+    if recipes:
+        text = text.replace("## The study's Table 1", recipes + "## The study's Table 1", 1)
     external = [run for run in [*cross_validated, *finished] if tracking.external_datasets(run)]
     if external:
         text = text.replace("## The study's Table 1", external_section(external) + "## The study's Table 1", 1)
@@ -148,9 +151,7 @@ def cv_section(runs: list[Run]) -> str:
             try:
                 comparison = paired_bootstrap(cases[run.info.run_id], cases[best.info.run_id], PAIRED_RESAMPLES,
                                               PAIRED_SEED)
-                paired = [f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p {c['p']:.3f}"
-                          + (" *" if c["low"] > 0 or c["high"] < 0 else "")
-                          for c in (comparison[name] for name in PAIRED)]
+                paired = [difference(comparison[name]) for name in ("dice", "f1_weighted")]
             except ValueError:
                 paired = ["other test images", ""]
         rows.append([f"{run.info.run_name} (`{run.info.run_id[:8]}`)", param(run, "model.encoder"),
@@ -169,6 +170,76 @@ def cv_section(runs: list[Run]) -> str:
         "",
         "",
     ])
+
+
+RECIPE_METRICS = [("f1_weighted", "weighted F1"), ("dice_per_image", "per-image Dice"),
+                  ("auc_malignant_vs_benign", "malignant AUC"), ("normal_fp_rate", "normal FP rate"), ("ece", "ECE")]
+RECIPE_PAIRED = [("f1_weighted", "weighted F1"), ("dice_per_image", "per-image Dice")]
+LEVER_SECTIONS = ("preprocess.", "model.", "augment.", "train.", "evaluate.")
+RECIPE_RESAMPLES = 1000
+
+
+def recipe_section(runs: list[Run], baseline: str | None) -> str:
+    """The recipes, judged on their out-of-fold predictions (every train+val image, predicted by the fold that did
+    not train on it): per recipe the parameters that differ from the baseline recipe (the lever), its OOF
+    metrics with 95% bootstrap intervals, and its paired difference with the baseline on the same images.
+    The baseline is the run named `baseline`, else the oldest cross-validation with OOF predictions."""
+    tables = {run.info.run_id: tracking.load_table(run.info.run_id, "oof_per_image.json") for run in runs}
+    runs = sorted((run for run in runs if tables[run.info.run_id] is not None), key=lambda run: run.info.start_time)
+    if not runs:
+        return ""
+    named = [run for run in runs if run.info.run_name == baseline]
+    if baseline and not named:
+        raise BusiError(f"--baseline {baseline!r}: no cross-validated run of that name has out-of-fold predictions")
+    base = (named or runs)[0]
+    header = ["recipe (what differs from the baseline)", "images",
+              *(f"{title} [95% CI]" for _, title in RECIPE_METRICS),
+              *(f"Δ {title} vs baseline [95% CI], p" for _, title in RECIPE_PAIRED)]
+    rows = []
+    for run in [base, *(run for run in runs if run is not base)]:
+        cases = tables[run.info.run_id]
+        metrics = summary(cases, cases[PROBABILITY_COLUMNS].to_numpy(float))
+        intervals = bootstrap_ci(cases, RECIPE_RESAMPLES, PAIRED_SEED)
+        if run is base:
+            paired = ["(baseline)"] * len(RECIPE_PAIRED)
+        else:
+            comparison = paired_bootstrap(cases, tables[base.info.run_id], PAIRED_RESAMPLES, PAIRED_SEED)
+            paired = [difference(comparison[key]) for key, _ in RECIPE_PAIRED]
+        rows.append([f"{run.info.run_name} (`{run.info.run_id[:8]}`): {lever(run, base)}", str(len(cases)),
+                     *(interval_cell(metrics.get(key), intervals.get(key)) for key, _ in RECIPE_METRICS), *paired])
+    return "\n".join([
+        "## Recipes, judged on out-of-fold predictions",
+        "",
+        "Each recipe cross-validated on train+val; every image predicted by the fold that did not train on it, the",
+        "post-processing decided on those predictions. 95% bootstrap intervals over images; Δ: the paired",
+        "difference with the baseline on the same images (* = the interval excludes zero). Lower is better for",
+        "the normal FP rate (normal images with a lesion drawn) and ECE (expected calibration error).",
+        "",
+        *table(header, rows),
+        "",
+        "",
+    ])
+
+
+def lever(run: Run, base: Run) -> str:
+    """The parameters of `run` that differ from `base` (a parameter `base` did not log is not a difference)."""
+    if run is base:
+        return "baseline"
+    changed = [f"{key}={value}" for key, value in sorted(run.data.params.items())
+               if key.startswith(LEVER_SECTIONS) and key in base.data.params and base.data.params[key] != value]
+    return ", ".join(changed) or "same parameters"
+
+
+def interval_cell(value: float | None, interval: dict | None) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{value:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]" if interval else f"{value:.3f}"
+
+
+def difference(comparison: dict) -> str:
+    beyond_noise = comparison["low"] > 0 or comparison["high"] < 0
+    return (f"{comparison['difference']:+.3f} [{comparison['low']:+.3f}, {comparison['high']:+.3f}], "
+            f"p {comparison['p']:.3f}" + (" *" if beyond_noise else ""))
 
 
 EXTERNAL = [("dice", "Dice"), ("dice_per_image", "per-image Dice"), ("auc_malignant_vs_benign", "malignant AUC"),

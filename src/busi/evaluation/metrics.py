@@ -30,6 +30,7 @@ METRICS = (  # the study's four columns first
     Metric("dice_per_image", "per-image Dice", interval=True, tolerance=0.03),
     Metric("accuracy", "accuracy", tolerance=0.05),
     Metric("auc_malignant_vs_benign", "malignant AUC", interval=True),  # defined without normal images too
+    Metric("ece", "ECE", interval=True),  # calibration error of the class probabilities: lower is better
     Metric("per_class.malignant.dice", "malignant Dice"),
     Metric("normal_fp_rate", "normal FP rate"),
 )
@@ -90,6 +91,8 @@ def segmentation_metrics(cases: pd.DataFrame) -> dict[str, float]:
         metrics |= {"iou": tp / (tp + fp + fn), "dice": 2 * tp / (2 * tp + fp + fn),
                     "dice_per_image": cases.loc[lesion, "dice"].mean(),
                     "iou_per_image": cases.loc[lesion, "iou"].mean()}
+    if len(cases):  # every image: an empty prediction where there is no lesion scores 1
+        metrics["dice_per_image_all"] = cases["dice"].fillna(1.0).mean()
     normal = cases["label"] == "normal"
     if normal.any():
         metrics["normal_fp_rate"] = (cases.loc[normal, "predicted_area_px"] > 0).mean()
@@ -106,6 +109,7 @@ def classification_metrics(cases: pd.DataFrame, class_probabilities: np.ndarray)
         metrics["roc_auc_ovr"] = roc_auc_score(actual, class_probabilities, multi_class="ovr", labels=list(CLASSES))
     probabilities = dict(zip(PROBABILITY_COLUMNS, np.asarray(class_probabilities, dtype=float).T, strict=True))
     metrics |= malignant_vs_benign(cases.assign(**probabilities))
+    metrics["ece"] = expected_calibration_error(cases.assign(**probabilities))
     matrix = confusion_matrix(actual, predicted, labels=list(CLASSES))
     return {**{key: float(value) for key, value in metrics.items()},
             "confusion": {a: {p: int(n) for p, n in zip(CLASSES, row, strict=True)}
@@ -124,6 +128,21 @@ def malignant_vs_benign(cases: pd.DataFrame) -> dict[str, float]:
     return {"auc_malignant_vs_benign": float(roc_auc_score(malignant, score)),
             "f1_malignant_vs_benign": float(f1_score(malignant, lesion["predicted_label"] == "malignant",
                                                      zero_division=0))}
+
+
+ECE_BINS = 10
+
+
+def expected_calibration_error(cases: pd.DataFrame) -> float:
+    """Top-label ECE: images binned by the probability of their most probable class (10 equal-width bins); the
+    gap between each bin's mean probability and its accuracy, weighted by the bin's share of images."""
+    probabilities = cases[PROBABILITY_COLUMNS].to_numpy(float)
+    confidence = probabilities.max(1)
+    correct = np.asarray(CLASSES)[probabilities.argmax(1)] == cases["label"].to_numpy()
+    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+    gaps = [abs(confidence[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
+            for b in np.unique(bins)]
+    return float(np.sum(gaps))
 
 
 def f1_weighted(actual, predicted) -> float:
@@ -160,7 +179,8 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) ->
         picked = rng.integers(0, len(rows_of), len(rows_of))
         sample = cases.iloc[[row for i in picked for row in rows_of[i]]]
         values = (segmentation_metrics(sample) | malignant_vs_benign(sample)
-                  | {"f1_weighted": f1_weighted(sample["label"], sample["predicted_label"])})
+                  | {"f1_weighted": f1_weighted(sample["label"], sample["predicted_label"]),
+                     "ece": expected_calibration_error(sample)})
         draws.append([values.get(name, np.nan) for name in names])
     with warnings.catch_warnings():  # an all-NaN column (no lesion at all) gives NaN, dropped below
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -169,7 +189,7 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) ->
             for name, lo, hi in zip(names, low, high, strict=True) if np.isfinite(lo)}
 
 
-PAIRED = ("dice", "f1_weighted")  # what two models are compared on, image by image
+PAIRED = ("dice", "f1_weighted", "dice_per_image")  # what two models are compared on, image by image
 
 
 def paired_bootstrap(cases_a: pd.DataFrame, cases_b: pd.DataFrame, resamples: int, seed: int) -> dict:

@@ -24,11 +24,23 @@ class PostProcessing:
     flip_tta: bool = False  # average the probabilities with those of the mirrored image (applied by the predictor)
     largest_component: bool = False  # keep only the largest connected lesion region
     label_from_mask: bool = False  # no predicted lesion -> normal, else the more probable of benign/malignant
+    # The class gates the mask: an image labelled normal gets an empty mask, and an image labelled benign or
+    # malignant whose mask is empty gets its most probable region (see `apply`).
+    mask_from_label: bool = False
+    temperature: float = 1.0  # class probabilities p -> softmax(log p / T), fitted on validation: calibration
 
-    def mask(self, probability: np.ndarray, height: int, width: int) -> np.ndarray:
+    def calibrate(self, class_probabilities: np.ndarray) -> np.ndarray:
+        """Temperature scaling of probabilities (of an ensemble's or flip-averaged, hence on log p rather than on
+        one network's logits). It keeps each image's ranking of classes, so labels and ROC-AUC are unchanged."""
+        if self.temperature == 1.0:
+            return class_probabilities
+        return softmax(np.log(np.clip(class_probabilities, 1e-12, 1)) / self.temperature)
+
+    def mask(self, probability: np.ndarray, height: int, width: int, threshold: float | None = None) -> np.ndarray:
         """A lesion probability map at the training size -> a boolean mask at the image's own size: bilinear
-        resize first, threshold after."""
-        mask = cv2.resize(probability, (int(width), int(height)), interpolation=cv2.INTER_LINEAR) >= self.threshold
+        resize first, threshold after (this post-processing's, unless `threshold` says)."""
+        resized = cv2.resize(probability, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+        mask = resized >= (self.threshold if threshold is None else threshold)
         if self.largest_component and mask.any():
             count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
             if count > 2:  # background + more than one component
@@ -45,9 +57,22 @@ class PostProcessing:
 
     def apply(self, probabilities: np.ndarray, class_probabilities: np.ndarray,
               sizes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Masks at each image's (height, width) in `sizes`, and class indices."""
+        """Masks at each image's (height, width) in `sizes`, class indices and calibrated class probabilities."""
         masks = [self.mask(p, h, w) for p, (h, w) in zip(probabilities, sizes, strict=True)]
-        return masks, self.labels(class_probabilities, np.array([np.count_nonzero(m) for m in masks]))
+        labels = self.labels(class_probabilities, np.array([np.count_nonzero(m) for m in masks]))
+        if self.mask_from_label:
+            masks = [self.gated(m, p, label) for m, p, label in zip(masks, probabilities, labels, strict=True)]
+        return masks, labels, self.calibrate(class_probabilities)
+
+    def gated(self, mask: np.ndarray, probability: np.ndarray, label: int) -> np.ndarray:
+        """The mask that agrees with the label: empty for normal; for a lesion label where nothing reached the
+        threshold, the largest region at half the map's highest probability (the network's best guess of
+        where the lesion the class head sees is)."""
+        if label == CLASSES.index("normal"):
+            return np.zeros_like(mask)
+        if mask.any() or not probability.max() > 0:
+            return mask
+        return replace(self, largest_component=True).mask(probability, *mask.shape, threshold=probability.max() / 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,14 +80,30 @@ class PostProcessing:
     def describe(self) -> str:
         on = {True: "on", False: "off"}
         return (f"threshold {self.threshold:g}, flip TTA {on[self.flip_tta]}, largest component "
-                f"{on[self.largest_component]}, label from mask {on[self.label_from_mask]}")
+                f"{on[self.largest_component]}, label from mask {on[self.label_from_mask]}, mask from label "
+                f"{on[self.mask_from_label]}, temperature {self.temperature:.2f}")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
+
+
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8), 241))  # 1.5% apart
+
+
+def fit_temperature(labels: np.ndarray, class_probabilities: np.ndarray) -> float:
+    """The temperature (on a log grid from 0.25 to 8) that minimises the negative log-likelihood of `labels`."""
+    log_p = np.log(np.clip(class_probabilities, 1e-12, 1))
+    nll = [-np.log(softmax(log_p / t)[np.arange(len(labels)), labels] + 1e-12).mean() for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(nll))])
 
 
 def score(postprocessing: PostProcessing, probabilities: np.ndarray, class_probabilities: np.ndarray, arrays: dict,
           references: list[np.ndarray]) -> tuple[dict, pd.DataFrame, list[np.ndarray]]:
     """A split's metrics, per-image cases and predicted masks under `postprocessing` (its flip TTA is already in
     the probabilities). ROC-AUC is the head's, whichever way the labels are decided."""
-    masks, labels = postprocessing.apply(probabilities, class_probabilities, arrays["sizes"])
+    masks, labels, class_probabilities = postprocessing.apply(probabilities, class_probabilities, arrays["sizes"])
     cases = metrics.case_table(arrays["ids"], arrays["labels"], labels, masks, references, class_probabilities)
     return metrics.summary(cases, class_probabilities), cases, masks
 
@@ -103,5 +144,18 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
               for from_mask in (True, False)}
         chosen = replace(chosen, label_from_mask=f1[True] > f1[False])
         record |= {"val_f1_with_mask_label": f1[True], "val_f1_without_mask_label": f1[False]}
+
+    # The class gating the mask is judged on every image (an empty mask on an image without lesion scores 1),
+    # since it trades lesions lost on misclassified lesion images for lesions no longer drawn on normal ones.
+    chosen = replace(chosen, mask_from_label=params.mask_from_label == "on")
+    if params.mask_from_label == "auto" and not chosen.label_from_mask:  # label from mask: already consistent
+        dice_all = {gate: val_metrics(replace(chosen, mask_from_label=gate)).get("dice_per_image_all")
+                    for gate in (True, False)}
+        chosen = replace(chosen, mask_from_label=bool(dice_all[True] > dice_all[False]))
+        record |= {"val_dice_all_with_gate": dice_all[True], "val_dice_all_without_gate": dice_all[False]}
+
+    if params.calibration == "temperature":
+        chosen = replace(chosen, temperature=fit_temperature(val["labels"], probabilities_of(chosen.flip_tta)[1]))
+        record |= {"val_ece_before": val_metrics(replace(chosen, temperature=1.0))["ece"]}
     return chosen, record
 

@@ -1,11 +1,13 @@
 """One factory for every model: a segmentation_models_pytorch U-Net with one input channel, optional
-scSE attention in the decoder and a normal/benign/malignant classification head."""
+scSE attention in the decoder and a normal/benign/malignant classification head, which sees either the whole
+image (smp's head) or also the predicted lesion (`LesionHead`)."""
 
 import difflib
 import os
 import socket
 
 import segmentation_models_pytorch as smp
+import torch
 from torch import nn
 
 from busi import CLASSES, BusiError
@@ -21,7 +23,7 @@ def build_model(params: ModelParams) -> nn.Module:
     check_encoder(params.encoder)
     if params.encoder_weights:
         check_hub_reachable(params.encoder_weights)
-    model = smp.Unet(
+    model = (LesionAwareUnet if params.class_head == "lesion" else smp.Unet)(
         encoder_name=params.encoder,
         encoder_weights=params.encoder_weights,
         in_channels=1,
@@ -32,6 +34,42 @@ def build_model(params: ModelParams) -> nn.Module:
     if params.pooling == "avg":
         replace_max_pooling(model.encoder)
     return model
+
+
+class LesionAwareUnet(smp.Unet):
+    """smp's U-Net whose classification head also pools the encoder's features under the predicted lesion, so
+    that the class is read from the lesion and its margin rather than from the whole scan (mostly background)."""
+
+    STAGES = 2  # the last two encoder stages: the deepest is 1/32 of the image, too coarse alone for small lesions
+
+    def __init__(self, *args, aux_params: dict, **kwargs):
+        super().__init__(*args, aux_params=aux_params, **kwargs)
+        channels = sum(self.encoder.out_channels[-self.STAGES:])
+        self.classification_head = LesionHead(channels, aux_params["classes"], aux_params["dropout"])
+
+    def forward(self, x):
+        features = self.encoder(x)
+        mask_logits = self.segmentation_head(self.decoder(features))
+        return mask_logits, self.classification_head(features[-self.STAGES:], mask_logits)
+
+
+class LesionHead(nn.Module):
+    """Per stage, the features averaged over the image and averaged under the lesion probability (resized to the
+    stage's grid); all concatenated, dropout, one linear layer. The probability is detached: the class loss
+    shapes what the head reads, not where the mask is drawn. With no lesion predicted, the lesion pooling is 0."""
+
+    def __init__(self, channels: int, classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.linear = nn.Linear(2 * channels, classes)
+
+    def forward(self, features: list[torch.Tensor], mask_logits: torch.Tensor) -> torch.Tensor:
+        lesion = torch.sigmoid(mask_logits.detach().float())
+        pooled = []
+        for feature in features:
+            weight = nn.functional.adaptive_avg_pool2d(lesion, feature.shape[-2:]).to(feature.dtype)
+            pooled += [feature.mean((2, 3)), (feature * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1e-3)]
+        return self.linear(self.dropout(torch.cat(pooled, 1)))
 
 
 def check_encoder(name: str) -> None:

@@ -103,8 +103,8 @@ class Predictor:
         if not images:
             return []
         probabilities, class_probabilities = self.probabilities(np.stack([self.resize(image) for image in images]))
-        masks, labels = self.postprocessing.apply(probabilities, class_probabilities,
-                                                  np.array([image.shape for image in images]))
+        masks, labels, class_probabilities = self.postprocessing.apply(probabilities, class_probabilities,
+                                                                       np.array([image.shape for image in images]))
         return [Prediction(mask, CLASSES[label], {name: float(p) for name, p in zip(CLASSES, probs, strict=True)})
                 for mask, label, probs in zip(masks, labels, class_probabilities, strict=True)]
 

@@ -28,7 +28,7 @@ from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci, lookup, summary
 from busi.files import atomic_file
 from busi.model import serving
 from busi.model.predictor import Predictor
-from busi.stages.train import train
+from busi.stages.train import is_trained, train
 
 FOLD_METRICS = ("dice", "iou", "dice_per_image", "f1_weighted", "accuracy")  # mean ± sd over the folds
 
@@ -51,11 +51,14 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
             held = fold_of == fold
             print(f"cross-validate: fold {fold} ({held.sum()} held out, {(~held).sum()} to train)", flush=True)
             fold_dir = out_dir / "folds" / f"fold-{fold}"
-            with tempfile.TemporaryDirectory(prefix="busi-fold-") as tmp:
-                np.savez(Path(tmp) / "train.npz", **subset(pool, ~held))
-                np.savez(Path(tmp) / "val.npz", **subset(pool, held))
-                train(Path(tmp), params, fold_dir, fold_dir / "train.json", fold_dir / "history.csv",
-                      parent_run_id=parent, run_suffix=f"-fold{fold}")
+            if is_trained(fold_dir, params):  # a re-run (after a kill, or to rescore) keeps the finished folds
+                print(f"cross-validate: fold {fold} already trained with these params ({fold_dir})", flush=True)
+            else:
+                with tempfile.TemporaryDirectory(prefix="busi-fold-") as tmp:
+                    np.savez(Path(tmp) / "train.npz", **subset(pool, ~held))
+                    np.savez(Path(tmp) / "val.npz", **subset(pool, held))
+                    train(Path(tmp), params, fold_dir, fold_dir / "train.json", fold_dir / "history.csv",
+                          parent_run_id=parent, run_suffix=f"-fold{fold}")
             fold_predictor = Predictor.from_checkpoints([fold_dir / "best.pt"])
             fold_predictor.to("cuda" if torch.cuda.is_available() else "cpu")
             for flip in (False, True):
@@ -87,10 +90,10 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
                    "sd": {name: float(np.nanstd([f.get(name, np.nan) for f in per_fold], ddof=1))
                           for name in FOLD_METRICS},
                    "per_fold": dict(zip(map(str, folds), per_fold, strict=True)), "oof": oof_metrics}
-        write_outputs(out_dir, ensemble, result, metrics, cases)
+        write_outputs(out_dir, ensemble, result, metrics, cases, oof_cases)
         drawn = {"figure2_contours.png": figures.cases_figure(cases, test, test_references, masks,
                                                               params.evaluate.figure_cases)}
-        tables = {"test_per_image.json": cases[CASE_COLUMNS]}
+        tables = {"test_per_image.json": cases[CASE_COLUMNS], "oof_per_image.json": oof_cases[CASE_COLUMNS]}
         model_uri = tracking.log_evaluation(parent, metrics, oof_metrics, tables, drawn, out_dir / "predictor",
                                             serving, cv=result)
     except BaseException as err:
@@ -126,12 +129,16 @@ def fold_metrics(cases: pd.DataFrame, class_probabilities: np.ndarray, held: np.
     return {name: lookup(metrics, name) for name in FOLD_METRICS if lookup(metrics, name) is not None}
 
 
-def write_outputs(out_dir: Path, ensemble: Predictor, result: dict, metrics: dict, cases: pd.DataFrame) -> None:
+def write_outputs(out_dir: Path, ensemble: Predictor, result: dict, metrics: dict, cases: pd.DataFrame,
+                  oof_cases: pd.DataFrame) -> None:
+    """The ensemble, cv.json (folds and OOF metrics), test.json and the per-image tables of test and OOF (what
+    recipes are compared on, image by image: `busi report`'s recipe table)."""
     ensemble.save(out_dir / "predictor")
     with atomic_file(out_dir / "cv.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     with atomic_file(out_dir / "test.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    with atomic_file(out_dir / "per_image.csv") as tmp:
-        cases[CASE_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
+    for name, table in (("per_image.csv", cases), ("oof_per_image.csv", oof_cases)):
+        with atomic_file(out_dir / name) as tmp:
+            table[CASE_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
 

@@ -19,7 +19,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from busi import CLASSES, tracking
@@ -29,7 +29,7 @@ from busi.files import atomic_file
 from busi.model.checkpoint import save_checkpoint
 from busi.model.network import build_model
 
-MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy) is maximised
+MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy, F1, score) is maximised
 
 
 def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path, history_path: Path,
@@ -58,10 +58,15 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
     else:
         mode = "min" if cfg.monitor in MINIMIZED else "max"
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, patience=max(1, cfg.patience // 3))
-    # Class-balanced cross-entropy ("balanced" as in sklearn: n / (classes * count)); absent classes weigh 1.
+    # The minority classes count as much as the majority: either each class is a third of every epoch (balanced
+    # sampling, plain cross-entropy) or every image once with the cross-entropy weighted by class (as sklearn's
+    # "balanced": n / (classes * count); absent classes weigh 1). Never both: that would over-correct.
     counts = np.bincount(train_arrays["labels"], minlength=len(CLASSES))
     class_weights = np.where(counts > 0, counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), 1.0)
-    loss_fn = SegmentationLoss(torch.tensor(class_weights, dtype=torch.float32, device=device), cfg.class_loss_weight)
+    if cfg.sampling == "balanced":
+        class_weights = np.ones(len(CLASSES))
+    loss_fn = SegmentationLoss(torch.tensor(class_weights, dtype=torch.float32, device=device), cfg.class_loss_weight,
+                               cfg.label_smoothing)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = params_fingerprint(params)
@@ -89,13 +94,15 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             torch.manual_seed(cfg.seed + epoch)
             augment.set_random_seed(cfg.seed + epoch)
             drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
-            batches = loader(train_data, cfg.batch_size, device, cfg.seed + epoch, shuffle=True, drop_last=drop_last)
+            batches = loader(train_data, cfg.batch_size, device, cfg.seed + epoch, shuffle=True, drop_last=drop_last,
+                             balanced=cfg.sampling == "balanced")
             train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, ema, desc=f"epoch {epoch}")
             val_batches = loader(val_data, cfg.batch_size, device, cfg.seed + epoch)
             val_stats = run_epoch(ema.module if ema else model, val_batches, loss_fn, device, amp_dtype)
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
                    "lr": optimizer.param_groups[0]["lr"]}
+            row["val_score"] = (row["val_dice"] + row["val_f1_weighted"]) / 2  # both tasks: a checkpoint for each
             if ema is not None and cfg.validate_raw:  # the raw weights too, to show what the average adds
                 raw_stats = run_epoch(model, val_batches, loss_fn, device, amp_dtype)
                 row |= {f"val_raw_{k}": raw_stats[k] for k in ("dice", "iou", "accuracy")}
@@ -145,11 +152,11 @@ def progress_line(row: dict, epochs: int, seconds: list[float], best: dict, moni
 class SegmentationLoss(nn.Module):
     """Dice + BCE on the lesion mask, plus class-balanced cross-entropy on the label (times `class_weight`)."""
 
-    def __init__(self, class_weights: torch.Tensor, class_weight: float):
+    def __init__(self, class_weights: torch.Tensor, class_weight: float, label_smoothing: float = 0.0):
         super().__init__()
         self.dice = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
         self.bce = smp.losses.SoftBCEWithLogitsLoss()
-        self.cross_entropy = nn.CrossEntropyLoss(weight=class_weights)
+        self.cross_entropy = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         self.class_weight = class_weight
 
     def forward(self, mask_logits, class_logits, masks, labels):
@@ -164,7 +171,9 @@ def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=No
     model.train(optimizer is not None)
     # Running sums stay on the device: no host synchronisation per step (only the terminal's bar reads them).
     total_loss, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-    correct, stats = torch.zeros((), dtype=torch.long, device=device), torch.zeros(4, dtype=torch.long, device=device)
+    classes = len(CLASSES)
+    confusion = torch.zeros(classes * classes, dtype=torch.long, device=device)  # actual * classes + predicted
+    stats = torch.zeros(4, dtype=torch.long, device=device)
     started = time.perf_counter()
     bar = tqdm(batches, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty())
     with torch.set_grad_enabled(optimizer is not None):
@@ -182,15 +191,16 @@ def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=No
                     ema.update_parameters(model)
             total_loss += loss.detach().double() * len(images)
             seen += len(images)
-            correct += (class_logits.argmax(1) == labels).sum()
+            confusion += torch.bincount(labels * classes + class_logits.argmax(1), minlength=classes * classes)
             tp, fp, fn, tn = smp.metrics.get_stats(mask_logits.detach().float().sigmoid(), masks.long(),
                                                    mode="binary", threshold=0.5)
             stats += torch.stack([tp.sum(), fp.sum(), fn.sum(), tn.sum()])
             if not bar.disable:
                 bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", iou=f"{iou(stats.cpu()):.3f}",
                                 img_s=f"{seen / (time.perf_counter() - started):.1f}")
-    stats = stats.cpu()
-    return {"loss": total_loss.item() / seen, "iou": iou(stats), "dice": dice(stats), "accuracy": correct.item() / seen,
+    stats, confusion = stats.cpu(), confusion.cpu().reshape(classes, classes).numpy()
+    return {"loss": total_loss.item() / seen, "iou": iou(stats), "dice": dice(stats),
+            "accuracy": np.trace(confusion) / seen, "f1_weighted": f1_weighted(confusion),
             "images_per_s": seen / (time.perf_counter() - started)}
 
 
@@ -204,6 +214,14 @@ def dice(stats: torch.Tensor) -> float:
     return smp.metrics.f1_score(tp, fp, fn, tn, reduction="micro").item()
 
 
+def f1_weighted(confusion: np.ndarray) -> float:
+    """F1 per class averaged with the class counts as weights (sklearn's "weighted"), from a confusion matrix
+    [actual, predicted]; a class never predicted has F1 0."""
+    true_positives, actual, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    f1 = np.divide(2 * true_positives, actual + predicted, out=np.zeros(len(confusion)), where=actual + predicted > 0)
+    return float((f1 * actual).sum() / max(actual.sum(), 1))
+
+
 def ema_with_warmup(decay: float):
     """torch's EMA update with the usual warm-up: the decay grows as (1 + n) / (10 + n) up to `decay`, so that
     the average of a short run is not dominated by the random initial weights."""
@@ -214,11 +232,19 @@ def ema_with_warmup(decay: float):
 
 
 def loader(data: SegmentationDataset, batch_size: int, device: torch.device, seed: int, shuffle: bool = False,
-           drop_last: bool = False) -> DataLoader:
+           drop_last: bool = False, balanced: bool = False) -> DataLoader:
     """Batches in the main process on the CPU (where workers would only compete with the model for the cores);
-    on CUDA, augmentation in worker processes into pinned memory, each worker's augmentation seeded apart."""
+    on CUDA, augmentation in worker processes into pinned memory, each worker's augmentation seeded apart.
+    `balanced`: an epoch of as many draws as images, with replacement, each class equally likely."""
     workers = min(4, thread_count()) if device.type == "cuda" else 0
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
+    sampler = None
+    if balanced:
+        counts = np.bincount(data.labels)
+        sampler = WeightedRandomSampler(torch.as_tensor(1.0 / counts[data.labels], dtype=torch.double), len(data),
+                                        generator=torch.Generator().manual_seed(seed))
+        shuffle = False  # the sampler draws in random order
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
+                      num_workers=workers,
                       pin_memory=device.type == "cuda", worker_init_fn=partial(seed_worker, seed) if workers else None)
 
 
@@ -252,8 +278,18 @@ def is_better(value: float, best: float, monitor: str) -> bool:
 
 def params_fingerprint(params: Params) -> str:
     """Identifies the training configuration: a checkpoint of another configuration is never resumed."""
-    relevant = params.model_dump(mode="json", include={"model", "augment", "train"})
+    # Parameters at their defaults are left out, so that adding an optional parameter keeps earlier fingerprints.
+    relevant = params.model_dump(mode="json", include={"model", "augment", "train"}, exclude_defaults=True)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def is_trained(out_dir: Path, params: Params) -> bool:
+    """Whether `out_dir` holds a finished training of exactly these params (best.pt beside a finished last.pt)."""
+    last = Path(out_dir) / "last.pt"
+    if not last.is_file() or not (Path(out_dir) / "best.pt").is_file():
+        return False
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    return state.get("finished", False) and state.get("fingerprint") == params_fingerprint(params)
 
 
 def write_history(history: list[dict], path: Path) -> None:

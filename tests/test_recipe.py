@@ -1,0 +1,121 @@
+"""The recipe's levers, worked by hand: balanced sampling, the lesion-pooled head, the class gating the mask,
+calibration (ECE, temperature), the weighted F1 of training's confusion counts, and the recipe table."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from busi.config import EvaluateParams
+from busi.data.arrays import SegmentationDataset
+from busi.evaluation.metrics import case_table, expected_calibration_error, summary
+from busi.evaluation.postprocessing import PostProcessing, decide, fit_temperature
+from busi.model.network import LesionHead, build_model
+from busi.stages.train import f1_weighted, loader
+from conftest import tiny_params
+
+
+def probabilities_table(labels: list[str], probabilities: list[list[float]]) -> pd.DataFrame:
+    p = np.array(probabilities)  # columns: normal, benign, malignant
+    return pd.DataFrame({"label": labels, "p_normal": p[:, 0], "p_benign": p[:, 1], "p_malignant": p[:, 2]})
+
+
+def test_expected_calibration_error_by_hand():
+    # Bins of width 0.1 on the top probability. Images 1-2: 0.95 and 0.95 (bin 9), one right one wrong:
+    # |0.95 - 0.5| * 2/4 = 0.225. Images 3-4: 0.6 (bin 6), both right: |0.6 - 1| * 2/4 = 0.2. ECE 0.425.
+    cases = probabilities_table(["normal", "benign", "benign", "malignant"],
+                                [[0.95, 0.03, 0.02], [0.95, 0.03, 0.02], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]])
+    assert expected_calibration_error(cases) == pytest.approx(0.425)
+    perfect = probabilities_table(["benign", "malignant"], [[0, 1, 0], [0, 0, 1]])
+    assert expected_calibration_error(perfect) == 0
+
+
+def test_the_temperature_fitted_softens_overconfident_probabilities():
+    # Always 0.9 sure, right 60% of the time: the likelihood is best where the top class gets 0.6, i.e.
+    # 0.9^(1/T) / (0.9^(1/T) + 2 * 0.05^(1/T)) = 0.6  ->  (18)^(1/T) = 3  ->  T = ln 18 / ln 3 = 2.63.
+    labels = np.array([1] * 6 + [0] * 2 + [2] * 2)
+    probabilities = np.tile([0.05, 0.9, 0.05], (10, 1))
+    temperature = fit_temperature(labels, probabilities)
+    assert temperature == pytest.approx(np.log(18) / np.log(3), rel=0.02)
+    calibrated = PostProcessing(temperature=temperature).calibrate(probabilities)
+    assert calibrated[0, 1] == pytest.approx(0.6, abs=0.01) and calibrated.sum(1) == pytest.approx(1)
+    assert (calibrated.argmax(1) == probabilities.argmax(1)).all()  # labels unchanged
+
+
+def test_the_class_gates_the_mask():
+    probabilities = np.full((3, 4, 4), 0.9, np.float32)  # a lesion everywhere on the first two
+    probabilities[2] = 0.05
+    probabilities[2, 0, 0], probabilities[2, 3, 3], probabilities[2, 3, 2] = 0.3, 0.2, 0.16  # nothing above 0.5
+    heads = np.array([[0.1, 0.2, 0.7], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])  # CLASSES: benign, malignant, normal
+    sizes = np.array([[4, 4]] * 3)
+    masks, labels, _ = PostProcessing(mask_from_label=True).apply(probabilities, heads, sizes)
+    assert list(labels) == [2, 0, 1] and not masks[0].any() and masks[1].all()
+    # Malignant, but no pixel reached 0.5: the largest region at half the highest probability (>= 0.15) is drawn,
+    # the two-pixel one at the corner (3,2)-(3,3), not the single brighter pixel at (0,0).
+    assert np.argwhere(masks[2]).tolist() == [[3, 2], [3, 3]]
+    masks, _, _ = PostProcessing().apply(probabilities, heads, sizes)
+    assert masks[0].all() and not masks[2].any()  # off: the mask is the mask
+
+
+def test_gating_is_decided_on_every_image_of_validation():
+    # Two images: a normal one with a lesion drawn (the head says normal), a benign one whose lesion is found (the
+    # head says benign). Gating empties the normal image's mask: per-image Dice over both rises from 0.5 to 1.
+    lesion = np.zeros((2, 4, 4), bool)
+    lesion[1, 1:3, 1:3] = True
+    val = {"ids": np.array(["n", "b"]), "labels": np.array([2, 0]), "sizes": np.array([[4, 4], [4, 4]])}
+    probabilities = np.stack([np.where(lesion[1], 0.9, 0.1)] * 2).astype(np.float32)
+    heads = np.array([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
+    params = EvaluateParams(threshold=0.5, largest_component="off", flip_tta="off", label_from_mask="off",
+                            mask_from_label="auto", calibration="off", bootstrap=0, seed=0, figure_cases=1)
+    chosen, record = decide(lambda flip: (probabilities, heads), val, [lesion[0], lesion[1]], params)
+    assert chosen.mask_from_label
+    assert record["val_dice_all_with_gate"] == 1.0 and record["val_dice_all_without_gate"] == 0.5
+
+
+def test_weighted_f1_of_a_confusion_matrix_by_hand():
+    # actual x predicted. Class 0: tp 2, 3 actual, 2 predicted: F1 = 4/5. Class 1: tp 1, 1 actual, 2 predicted:
+    # 2/3. Class 2: none actual, none predicted: 0 (weight 0). Weighted: (3 * 0.8 + 1 * 2/3) / 4 = 0.7667.
+    confusion = np.array([[2, 1, 0], [0, 1, 0], [0, 0, 0]])
+    assert f1_weighted(confusion) == pytest.approx((3 * 0.8 + 2 / 3) / 4)
+
+
+def test_balanced_sampling_draws_each_class_alike():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    arrays = {"images": np.zeros((100, 8, 8), np.uint8), "masks": np.zeros((100, 8, 8), np.uint8), "labels": labels}
+    drawn = torch.cat([batch[2] for batch in loader(SegmentationDataset(arrays), 50, torch.device("cpu"), 0,
+                                                    shuffle=True, balanced=True)])
+    assert len(drawn) == 100  # an epoch is as long as before
+    counts = np.bincount(drawn.numpy(), minlength=3)
+    assert counts.min() > 20, counts  # uniform draws would give about 90 / 9 / 1
+
+
+def test_the_lesion_head_reads_the_features_under_the_lesion():
+    head = LesionHead(channels=1, classes=1, dropout=0)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.tensor([[0.0, 1.0]]))  # only the lesion-pooled feature
+        head.linear.bias.zero_()
+    feature = torch.zeros(1, 1, 2, 2)
+    feature[0, 0, 0, 0] = 8.0  # the feature is high in one quarter
+    lesion_there = torch.full((1, 1, 4, 4), -20.0)
+    lesion_there[..., :2, :2] = 20.0  # the lesion covers that quarter
+    lesion_elsewhere = torch.full((1, 1, 4, 4), -20.0)
+    lesion_elsewhere[..., 2:, 2:] = 20.0
+    assert head([feature], lesion_there).item() == pytest.approx(8.0, rel=1e-3)
+    assert head([feature], lesion_elsewhere).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_the_lesion_head_model_trains_and_reloads():
+    params = tiny_params()
+    model = build_model(params.model.model_copy(update={"class_head": "lesion"}))
+    mask_logits, class_logits = model(torch.rand(2, 1, 64, 64))
+    assert mask_logits.shape == (2, 1, 64, 64) and class_logits.shape == (2, 3)
+    again = build_model(params.model.model_copy(update={"class_head": "lesion"}))
+    again.load_state_dict(model.state_dict())  # the configuration rebuilds it
+
+
+def test_recipe_summary_has_calibration_and_every_image_dice():
+    references = [np.zeros((2, 2), bool), np.ones((2, 2), bool)]
+    predictions = [np.zeros((2, 2), bool), np.ones((2, 2), bool)]
+    cases = case_table(["n", "b"], [2, 0], [2, 0], predictions, references, np.array([[0, 0, 1.0], [1.0, 0, 0]]))
+    metrics = summary(cases, cases[["p_benign", "p_malignant", "p_normal"]].to_numpy())
+    assert metrics["dice_per_image_all"] == 1.0 and metrics["ece"] == 0.0
