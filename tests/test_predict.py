@@ -2,6 +2,7 @@
 predictor's post-processing applied without flags."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,20 @@ def test_out_naming_a_file_is_one_error(predictor_dir, images, tmp_path):
     assert (tmp_path / "taken").read_text() == "keep me"
 
 
+def test_out_among_the_inputs_is_refused_before_anything_is_written(predictor_dir, images, tmp_path):
+    """BUSI's reference masks are <name>_mask.png, the name predict gives its masks: never write beside inputs."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.fromarray(gray(5, 90, 130)).save(folder / "benign (1).png")
+    Image.fromarray(np.full((90, 130), 255, np.uint8)).save(folder / "benign (1)_mask.png")
+    reference = (folder / "benign (1)_mask.png").read_bytes()
+    for inputs in ([folder / "benign (1).png"], [folder]):
+        with pytest.raises(BusiError, match="scans: --out is a folder of input images"):
+            predict(inputs, str(predictor_dir), folder)
+    assert (folder / "benign (1)_mask.png").read_bytes() == reference
+    assert sorted(p.name for p in folder.iterdir()) == ["benign (1).png", "benign (1)_mask.png"]
+
+
 def test_model_files_that_are_not_checkpoints_are_one_line(images, checkpoint, tmp_path):
     """A text file, a bare state dict, weights that do not fit their network: no traceback, and never PyTorch's
     advice to load with weights_only=False."""
@@ -254,3 +269,49 @@ def test_model_files_that_are_not_checkpoints_are_one_line(images, checkpoint, t
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr and "weights_only" not in result.stderr and "Traceback" not in result.stderr
+
+
+def tamper(folder: Path, change) -> None:
+    manifest = json.loads((folder / "predictor.json").read_text())
+    change(manifest)
+    (folder / "predictor.json").write_text(json.dumps(manifest))
+
+
+def nan_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "network-0.safetensors")
+    next(tensor for tensor in weights.values() if tensor.is_floating_point()).fill_(float("nan"))
+    save_file(weights, folder / "network-0.safetensors")
+
+
+TAMPERED = {  # what was done to the predictor folder -> what the one line says
+    "truncated weights": (lambda f: (f / "network-0.safetensors").write_bytes(
+        (f / "network-0.safetensors").read_bytes()[:1000]), "network-0.safetensors: cannot read the weights"),
+    "weights linked to a text file": (lambda f: ((f / "notes.txt").write_text("hello"),
+                                                 (f / "network-0.safetensors").unlink(),
+                                                 (f / "network-0.safetensors").symlink_to(f / "notes.txt")),
+                                      "network-0.safetensors: cannot read the weights"),
+    "NaN weights": (nan_weights, "the weights hold NaN or infinite values"),
+    "flip_tta 'no'": (lambda f: tamper(f, lambda m: m["postprocessing"].update(flip_tta="no")),
+                      "postprocessing.flip_tta: 'no' is not true or false"),
+    "threshold 'abc'": (lambda f: tamper(f, lambda m: m["postprocessing"].update(threshold="abc")),
+                        "postprocessing.threshold: 'abc' is not a number in range"),
+    "image_size 8192": (lambda f: tamper(f, lambda m: m.update(image_size=8192)),
+                        "image_size 8192 is not a multiple of 32 up to 1024"),
+    "a missing field": (lambda f: tamper(f, lambda m: m.pop("networks")), "missing field 'networks'"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_predictor_is_one_line(case, predictor_dir, images, tmp_path):
+    folder = tmp_path / "predictor"
+    shutil.copytree(predictor_dir, folder)
+    change, message = TAMPERED[case]
+    change(folder)
+    result = subprocess.run([sys.executable, "-m", "busi", "predict", str(images / "l_small.png"), "--model",
+                             str(folder), "--out", str(tmp_path / "out")], env=run_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()

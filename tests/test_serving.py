@@ -151,6 +151,15 @@ def test_mlflow_models_serve_answers_a_real_request(model_uri, images, tmp_path)
 
         status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [["%%%"]]}})
         assert status == 400 and "row 0: 'image' is not valid base64" in body["message"], body
+        # Bounded per request, from the headers, before decoding: two blank 7000x6000 scans (84 million pixels in
+        # a body of a few hundred KB) and 65 rows are refused with one message; the next good request is answered.
+        blank = png(np.zeros((6000, 7000), np.uint8))
+        status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [[blank], [blank]]}})
+        assert status == 400 and "hold 84 million pixels, more than the 64 million" in body["message"], body
+        status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [[png(images[2])]] * 65}})
+        assert status == 400 and "65 rows: at most 64 images a request" in body["message"], body
+        status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [[png(images[1])]]}})
+        assert status == 200 and body["predictions"][0]["height"] == 301
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

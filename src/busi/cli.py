@@ -7,9 +7,12 @@ Run `busi <command> --help` for one command. `python -m busi` is the same progra
 """
 
 import argparse
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
+from urllib.parse import urlparse
 
 from busi import BusiError
 from busi.config import load_params
@@ -173,8 +176,26 @@ def main(argv: list[str] | None = None) -> int:
     except BusiError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Exception:  # a bug or a library's failure: its traceback, without the tracking credentials
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
     print(f"{args.command}: {summary} ({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def redact(text: str) -> str:
+    """`text` with the tracking URI's user, password and query replaced as busi.tracking.shown_uri shows them."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parts = urlparse(uri)
+    if not (parts.username or parts.password or parts.query):
+        return text
+    from busi.tracking import shown_uri
+
+    text = text.replace(uri, shown_uri(uri))
+    for secret in (parts.password, parts.query):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def run(args: argparse.Namespace, params) -> str:

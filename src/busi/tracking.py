@@ -6,9 +6,11 @@ temporary copies of the repository under .dvc/tmp/exps/.
 """
 
 import fcntl
+import functools
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,7 @@ SERVING_PACKAGES = ("mlflow", "torch", "segmentation-models-pytorch", "timm", "p
                     "scikit-learn", "opencv-python-headless", "pillow", "safetensors")
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: what the experiment page opens on
 REPORT_TAG = "busi.report"  # on the run that holds the report's own files
+SERVER_TIMEOUT_S = 5  # to connect to a tracking server
 MAX_RUNS = 50_000  # MLflow's largest page; a study has tens of runs
 
 
@@ -57,7 +60,24 @@ def project_root() -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root()}/mlflow.db"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root()}/mlflow.db"
+    check_server(uri)
+    return uri
+
+
+@functools.cache
+def check_server(uri: str) -> None:
+    """A tracking server that cannot be reached is one line at once (MLflow itself retries for minutes and then
+    prints a traceback holding the whole URI, credentials included)."""
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=SERVER_TIMEOUT_S).close()
+    except OSError as err:
+        raise BusiError(f"MLflow tracking server {shown_uri(uri)} unreachable ({err.strerror or err}); start it, "
+                        "or unset MLFLOW_TRACKING_URI to use the repository's mlflow.db") from None
 
 
 def shown_uri(uri: str) -> str:

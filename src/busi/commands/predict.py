@@ -42,6 +42,10 @@ def predict(inputs: list[Path], model: str, out_dir: Path, overrides: dict | Non
     if out_dir.exists() and not out_dir.is_dir():
         raise BusiError(f"{out_dir}: --out names an existing file; give a folder")
     paths = find_images(inputs, out_dir)
+    beside_inputs = {path.resolve().parent for path in paths} | {Path(e).resolve() for e in inputs if Path(e).is_dir()}
+    if out_dir.resolve() in beside_inputs:  # <stem>_mask.png there is BUSI's own name for the reference mask
+        raise BusiError(f"{out_dir}: --out is a folder of input images; predictions written there could replace "
+                        "the images' reference masks (<name>_mask.png): give another folder")
     predictor = load_model(model)
     changes = {key: value for key, value in (overrides or {}).items() if value is not None}
     predictor.postprocessing = replace(predictor.postprocessing, **changes)

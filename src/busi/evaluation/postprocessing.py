@@ -7,7 +7,7 @@ A new post-processing step is a field of `PostProcessing`, its use in `mask`/`la
 """
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import cv2
 import numpy as np
@@ -76,6 +76,22 @@ class PostProcessing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PostProcessing":
+        """From a predictor manifest (which anyone may have edited): every field named, typed and in range."""
+        if not isinstance(values, dict):
+            raise ValueError(f"postprocessing must be a mapping, got {type(values).__name__}")
+        numeric = {f.name: f.type in (float, "float") for f in fields(cls)}
+        unknown = sorted(set(values) - set(numeric))
+        if unknown:
+            raise ValueError(f"postprocessing: unknown step {unknown[0]!r}")
+        for name, value in values.items():
+            if numeric[name] and not (type(value) in (int, float) and 0 < value < (1 if name == "threshold" else 100)):
+                raise ValueError(f"postprocessing.{name}: {value!r} is not a number in range")
+            if not numeric[name] and type(value) is not bool:
+                raise ValueError(f"postprocessing.{name}: {value!r} is not true or false")
+        return cls(**values)
 
     def describe(self) -> str:
         on = {True: "on", False: "off"}

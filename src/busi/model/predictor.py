@@ -32,6 +32,7 @@ from busi.model.checkpoint import load_checkpoint, load_network
 MANIFEST = "predictor.json"
 FORMAT_VERSION = 1
 BATCH = 16  # images per forward pass: bounds memory for large requests
+MAX_IMAGE_SIZE = 1024  # the training size a manifest may claim: larger would allocate gigabytes per batch
 
 
 @dataclass
@@ -147,12 +148,16 @@ def load_predictor(path: Path) -> Predictor:
                             f"reads ({FORMAT_VERSION}): upgrade busi")
         if list(manifest["classes"]) != list(CLASSES):
             raise BusiError(f"{path / MANIFEST}: classes {manifest['classes']}, this busi has {list(CLASSES)}")
-        postprocessing = PostProcessing(**manifest["postprocessing"])
+        postprocessing = PostProcessing.from_dict(manifest["postprocessing"])
+        if manifest["image_size"] not in range(32, MAX_IMAGE_SIZE + 1, 32):
+            raise ValueError(f"image_size {manifest['image_size']!r} is not a multiple of 32 up to {MAX_IMAGE_SIZE}")
         configs = [NetworkConfig.model_validate({"model": entry["model"], "image_size": manifest["image_size"]},
                                                 strict=False) for entry in manifest["networks"]]
         weights = [path / entry["weights"] for entry in manifest["networks"]]
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0]
+        if isinstance(err, KeyError):
+            detail = f"missing field {err.args[0]!r}"
         raise BusiError(f"{path / MANIFEST}: not a valid predictor manifest ({type(err).__name__}: {detail})") from None
     networks = []
     for config, file in zip(configs, weights, strict=True):
@@ -160,7 +165,10 @@ def load_predictor(path: Path) -> Predictor:
             raise BusiError(f"{path / MANIFEST}: weights file {file.name!r} is outside the predictor folder")
         try:
             state = load_file(file)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise BusiError(f"{file}: cannot read the weights ({str(err).splitlines()[0]})") from None
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
+            detail = (str(err).splitlines() or [type(err).__name__])[0]
+            raise BusiError(f"{file}: cannot read the weights ({detail})") from None
+        if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
+            raise BusiError(f"{file}: the weights hold NaN or infinite values")
         networks.append(load_network(config, state, file))
     return Predictor(networks, configs, postprocessing, manifest.get("provenance", {}))

@@ -29,6 +29,10 @@ from busi.data.busi_layout import decode_gray
 from busi.model.predictor import load_predictor
 
 MAX_REQUEST_IMAGE_BYTES = 32 * 2**20  # one encoded image; larger is refused before decoding
+# One request's bounds, checked on the images' headers before any is decoded: a few MB of blank 7000x7000 PNGs
+# would otherwise take gigabytes and tens of seconds (and MLflow's timeout answers 504 but lets the work go on).
+MAX_REQUEST_ROWS = 64
+MAX_REQUEST_PIXELS = 64_000_000  # all images of a request together: one 7000x7000 scan fits
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
     outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", name) for name in CLASSES),
@@ -44,7 +48,14 @@ class BusiModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input:
             raise invalid("expected a DataFrame with a column 'image': base64-encoded PNG or JPEG, one per row")
-        images = [decode_request_image(value, row) for row, value in enumerate(model_input["image"])]
+        if len(model_input) > MAX_REQUEST_ROWS:
+            raise invalid(f"{len(model_input)} rows: at most {MAX_REQUEST_ROWS} images a request")
+        encoded = [decode_base64(value, row) for row, value in enumerate(model_input["image"])]
+        pixels = sum(header_pixels(data, row) for row, data in enumerate(encoded))
+        if pixels > MAX_REQUEST_PIXELS:
+            raise invalid(f"the request's images hold {pixels / 1e6:.0f} million pixels, more than the "
+                          f"{MAX_REQUEST_PIXELS / 1e6:.0f} million a request may: send fewer or smaller images")
+        images = [decode_request_image(data, row) for row, data in enumerate(encoded)]
         rows = []
         for prediction in self.predictor.predict(images):
             record = prediction.record()
@@ -54,15 +65,27 @@ class BusiModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=[spec.name for spec in SIGNATURE.outputs.inputs])
 
 
-def decode_request_image(value, row: int) -> np.ndarray:
+def decode_base64(value, row: int) -> bytes:
     if not isinstance(value, str | bytes):
         raise invalid(f"row {row}: 'image' must be a base64 string, got {type(value).__name__}")
     if len(value) > MAX_REQUEST_IMAGE_BYTES * 4 // 3 + 4:
         raise invalid(f"row {row}: image larger than {MAX_REQUEST_IMAGE_BYTES // 2**20} MiB")
     try:
-        data = base64.b64decode(value, validate=True)
+        return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as err:
         raise invalid(f"row {row}: 'image' is not valid base64 ({err})") from None
+
+
+def header_pixels(data: bytes, row: int) -> int:
+    """Width x height from the image's header, without decoding its pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise invalid(f"row {row}: not a readable PNG or JPEG ({type(err).__name__})") from None
+
+
+def decode_request_image(data: bytes, row: int) -> np.ndarray:
     try:
         return decode_gray(io.BytesIO(data), f"row {row}")
     except BusiError as err:

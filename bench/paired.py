@@ -1,0 +1,36 @@
+"""Two models on the same images: the paired difference of every paired metric, from their per-image tables.
+
+    PYTHONPATH=src python bench/paired.py NEW_per_image.csv OLD_per_image.csv [--resamples 2000]
+
+e.g. the default model against an earlier one: `git show REV:metrics/plots/per_image.csv > old.csv`, then
+`bench/paired.py metrics/plots/per_image.csv old.csv`. Prints, per metric of busi.evaluation.metrics.PAIRED,
+new, old, new - old with its 95% paired-bootstrap interval and p (the same draw of images for both models).
+"""
+
+import argparse
+
+import pandas as pd
+
+from busi.evaluation.metrics import PAIRED, paired_bootstrap, paired_values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("new")
+    parser.add_argument("old")
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    new, old = (pd.read_csv(path, dtype={"image_id": str}) for path in (args.new, args.old))
+    comparison = paired_bootstrap(new, old, args.resamples, args.seed)
+    print(f"{len(new)} images, {args.resamples} paired resamples")
+    print("| metric | new | old | new - old [95% CI] | p |\n|---|---|---|---|---|")
+    for name in PAIRED:
+        c = comparison[name]
+        beyond = " *" if c["low"] > 0 or c["high"] < 0 else ""
+        print(f"| {name} | {paired_values(new, name):.3f} | {paired_values(old, name):.3f} | "
+              f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{beyond} | {c['p']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
