@@ -22,6 +22,7 @@ from busi.data.busi_layout import find_root, scan
 from busi.evaluation.figures import cases_figure
 from busi.evaluation.metrics import (
     METRICS,
+    PAIRED,
     bootstrap_ci,
     classification_metrics,
     paired_bootstrap,
@@ -105,11 +106,12 @@ def test_pooled_and_per_image_segmentation_metrics(tmp_path):
     assert metrics["pixel_accuracy"] == pytest.approx(1 - 36 / 1600)
     assert metrics["dice_per_image"] == metrics["iou_per_image"] == 0.5  # perfect and disjoint; normals left out
     assert metrics["normal_fp_rate"] == 0.5  # one of two normal images has a predicted lesion
+    assert metrics["dice_per_image_all"] == (1 + 0 + 1 + 0) / 4  # an empty prediction of a normal image scores 1
 
     per_class = {name: segmentation_metrics(cases[cases.label == name]) for name in CLASSES}
     assert per_class["benign"]["dice"] == 1 and per_class["malignant"]["dice"] == 0
     assert "normal_fp_rate" not in per_class["benign"]
-    assert set(per_class["normal"]) == {"pixel_accuracy", "normal_fp_rate"}  # no lesion: no Dice, not NaN
+    assert set(per_class["normal"]) == {"pixel_accuracy", "normal_fp_rate", "dice_per_image_all"}  # no lesion Dice
 
 
 def test_an_empty_reference_counts_in_pooled_metrics_but_not_per_image(tmp_path):
@@ -261,10 +263,10 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
     assert chosen_on == [list(val["ids"])]
     headline = {"images", "iou", "dice", "pixel_accuracy", "dice_per_image", "normal_fp_rate", "f1_weighted",
-                "accuracy", "auc_malignant_vs_benign"}  # METRICS' top-level keys
+                "accuracy", "auc_malignant_vs_benign", "ece"}  # METRICS' top-level keys
     metrics = json.loads((tmp_path / "test_detail.json").read_text())
-    assert headline | {"iou_per_image", "f1_macro", "roc_auc_ovr", "f1_malignant_vs_benign", "confusion", "per_class",
-                       "ci95", "postprocessing"} == set(metrics)
+    assert headline | {"iou_per_image", "dice_per_image_all", "f1_macro", "roc_auc_ovr", "f1_malignant_vs_benign",
+                       "confusion", "per_class", "ci95", "postprocessing"} == set(metrics)
     # The DVC metrics file holds the headline only: what `dvc metrics show` and `dvc exp show` tabulate.
     assert json.loads((tmp_path / "test.json").read_text()) == {key: metrics[key] for key in headline}
     assert metrics["images"] == len(test["ids"]) == sum(sum(row.values()) for row in metrics["confusion"].values())
@@ -273,7 +275,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     assert set(metrics["postprocessing"]) == {"threshold", "flip_tta", "val_score_with_flip", "val_score_without_flip",
                                               "largest_component", "val_dice_with", "val_dice_without",
                                               "label_from_mask", "val_f1_with_mask_label",
-                                              "val_f1_without_mask_label"}
+                                              "val_f1_without_mask_label", "mask_from_label", "temperature"}
     assert set(json.loads((tmp_path / "val.json").read_text())) == headline
     val_metrics = json.loads((tmp_path / "val_detail.json").read_text())  # what runs are compared on
     assert val_metrics["images"] == len(val["ids"]) and set(val_metrics["per_class"]) == set(CLASSES)
@@ -282,7 +284,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     # The predictor carries the network and what was chosen on validation.
     manifest = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
     assert manifest["postprocessing"] == {key: metrics["postprocessing"][key]
-                                          for key in ("threshold", "flip_tta", "largest_component", "label_from_mask")}
+                                          for key in ("threshold", "flip_tta", "largest_component", "label_from_mask",
+                                                     "mask_from_label", "temperature")}
     assert manifest["image_size"] == 64 and manifest["networks"][0]["model"]["encoder"] == "resnet18"
     assert manifest["provenance"]["mlflow_run_id"] == summary["run_id"]
 
@@ -449,7 +452,7 @@ def test_paired_bootstrap_on_constructed_models(tmp_path):
                        labels)
     half["predicted_label"] = [label if i % 2 else "normal" for i, label in enumerate(labels)]
     same = paired_bootstrap(good, good.sample(frac=1, random_state=0), resamples=200, seed=0)  # order is free
-    assert same == {name: {"difference": 0.0, "low": 0.0, "high": 0.0, "p": 1.0} for name in ("dice", "f1_weighted")}
+    assert same == {name: {"difference": 0.0, "low": 0.0, "high": 0.0, "p": 1.0} for name in PAIRED}
     better = paired_bootstrap(good, half, resamples=500, seed=0)
     assert better["dice"]["difference"] == pytest.approx(1 - 2 * 720 / (2 * 720 + 720))  # pooled: B has tp 720 of 1440
     assert 0 < better["dice"]["low"] < better["dice"]["difference"] < better["dice"]["high"]

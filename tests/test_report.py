@@ -15,7 +15,7 @@ from PIL import Image
 from busi import BusiError, tracking
 from busi.commands.report import plot_curves, read_curves, report
 from busi.stages.train import train
-from conftest import REPO, SIZE, run_env, tiny_params
+from conftest import PARAMS_FILE, SIZE, run_env, tiny_params
 
 # What the evaluate stage logs into the training run (metrics/test.json, named by busi.tracking), for two runs.
 TEST_METRICS = {
@@ -96,13 +96,13 @@ def test_table_has_one_row_per_evaluated_run_beside_the_study(store, tmp_path):
     plain, scse = summaries["resnet18-plain"], summaries["resnet18-scse"]
     no_lesion = rows.pop()  # no Dice: last
     assert no_lesion[0].startswith("no-lesion (") and no_lesion[4:] == ["?", "?", "–", "–", "–", "–", "0.990", "–",
-                                                                         "–", "–", "–", "–", "–"]
+                                                                         "–", "–", "–", "–", "–", "–"]
     assert rows == [  # best validation Dice first, then the runs without one by test Dice
         [f"resnet18-scse (`{scse['run_id'][:8]}`)", "resnet18", "scse", "none", "64",
          f"2 / {scse['best_epoch']}", "0.700", "0.750", "0.412 [0.350, 0.470]", "0.580 [0.520, 0.635]", "0.951",
-         "0.877", "0.550", "–", "–", "0.500", "–"],
+         "0.877", "0.550", "–", "–", "–", "0.500", "–"],  # accuracy, AUC, ECE not logged
         [f"resnet18-plain (`{plain['run_id'][:8]}`)", "resnet18", "none", "none", "64",
-         f"3 / {plain['best_epoch']}", "–", "–", "0.500", "0.660", "0.960", "0.800", "–", "–", "–", "–", "–"],
+         f"3 / {plain['best_epoch']}", "–", "–", "0.500", "0.660", "0.960", "0.800", "–", "–", "–", "–", "–", "–"],
     ]
     assert "Not evaluated (no test metrics; their curves are in the figure): not-evaluated (`" in text
     assert "crashed" not in text and "left out: 1 runs not finished" in text
@@ -156,7 +156,7 @@ def test_a_missing_or_empty_experiment_is_one_error(store, tmp_path, monkeypatch
         report(tmp_path / "study.md", "empty")
     assert not (tmp_path / "study.md").exists()
 
-    result = subprocess.run([sys.executable, "-m", "busi", "--params", str(REPO / "params.yaml"), "report",
+    result = subprocess.run([sys.executable, "-m", "busi", "--params", str(PARAMS_FILE), "report",
                              "--experiment", "nope", "--out", str(tmp_path / "study.md")],
                             env=run_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

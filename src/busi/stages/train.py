@@ -200,7 +200,7 @@ def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=No
                                 img_s=f"{seen / (time.perf_counter() - started):.1f}")
     stats, confusion = stats.cpu(), confusion.cpu().reshape(classes, classes).numpy()
     return {"loss": total_loss.item() / seen, "iou": iou(stats), "dice": dice(stats),
-            "accuracy": np.trace(confusion) / seen, "f1_weighted": f1_weighted(confusion),
+            "accuracy": float(np.trace(confusion) / seen), "f1_weighted": f1_weighted(confusion),
             "images_per_s": seen / (time.perf_counter() - started)}
 
 
