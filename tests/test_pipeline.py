@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, run_env
+from conftest import PARAMS_FILE, REPO, run_env
 from synthetic import zip_folder
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,9 @@ def set_param(repo, section, key, value):
 def dvc_repo(tmp_path, busi_zip):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]:
+    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
         shutil.copy(REPO / name, repo / name)
+    shutil.copy(PARAMS_FILE, repo / "params.yaml")
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "metrics").mkdir()
     set_param(repo, "split", "folds", 2)  # the synthetic archive is small
@@ -86,6 +87,16 @@ def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
     assert all(f"Running stage '{s}'" not in changed for s in ["fetch", "merge_masks", "split"])
     assert (repo / "predictor/predictor.json").is_file()  # the model predict and serving use
     assert np.load(repo / "data/processed/train.npz")["images"].shape[1:] == (96, 96)
+
+    # A mistyped parameter: one line naming it, and the last training's and evaluation's outputs survive (DVC
+    # deletes a stage's non-persistent outputs before running it), so nothing is retrained from epoch 1.
+    kept = {name: (repo / name).read_bytes() for name in ["metrics/train.json", "metrics/train_history.csv",
+                                                          "metrics/test.json", "metrics/plots/per_image.csv"]}
+    set_param(repo, "train", "lr", "abc")
+    failed = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "error: params.yaml: train.lr: " in failed.stdout + failed.stderr
+    assert {name: (repo / name).read_bytes() for name in kept} == kept
+    assert (repo / "models/last.pt").is_file() and run_names(repo) == ["resnet18-scse", "resnet18-scse"]
 
 
 def test_dvc_experiments_run_train_only_and_land_in_the_root_store(dvc_repo):
