@@ -1,4 +1,4 @@
-"""BUSI rewritten in the folders layout, for the real checks of the generic dataset layer (README "Your own data").
+"""BUSI rewritten in the folders layout, for the real checks of the generic dataset layer (docs/data.md).
 
     PYTHONPATH=src python bench/busi_as_folders.py --raw data/raw --out /tmp/busi_folders [--splits data/splits.csv
         --split test]

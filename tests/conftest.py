@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -12,7 +14,23 @@ from busi.stages.split import split
 from synthetic import make_busi, zip_folder
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_ARCHIVE = REPO.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT.zip"
+# The archive the real-data tests read: $BUSI_ARCHIVE, as the pipeline reads it, else the one beside the clone.
+REAL_ARCHIVE = Path(os.environ.get("BUSI_ARCHIVE")
+                    or REPO.parent / "shared" / "data" / "busi" / "Dataset_BUSI_with_GT.zip")
+
+
+def committed_params() -> Path:
+    """The params.yaml of the checked-out commit, not the workspace's: `dvc exp run -S ...` rewrites the
+    workspace file, and the tests must not depend on the last experiment a user ran. Outside git: the file."""
+    found = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    if found.returncode != 0:
+        return PARAMS_FILE
+    path = Path(tempfile.mkdtemp(prefix="busi-tests-")) / "params.yaml"
+    path.write_text(found.stdout)
+    return path
+
+
+PARAMS_FILE = committed_params()
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +52,8 @@ def busi_zip(synthetic_source, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
-    """A working folder holding the repository's params.yaml, as the CLI expects."""
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    """A working folder holding the repository's params.yaml (as committed), as the CLI expects."""
+    shutil.copy(PARAMS_FILE, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("BUSI_ARCHIVE", raising=False)
     return tmp_path
@@ -43,8 +61,8 @@ def project(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def real_archive() -> Path:
-    if not REAL_ARCHIVE.is_file():
-        pytest.skip(f"real BUSI archive not found at {REAL_ARCHIVE}")
+    if not REAL_ARCHIVE.exists():
+        pytest.skip(f"real BUSI archive not found at {REAL_ARCHIVE} (set BUSI_ARCHIVE)")
     return REAL_ARCHIVE
 
 
@@ -60,7 +78,7 @@ SIZE = 64
 def processed(synthetic_source, tmp_path_factory):
     """Synthetic BUSI, merged, split and preprocessed at 64 px."""
     work = tmp_path_factory.mktemp("processed")
-    params = load_params(REPO / "params.yaml")
+    params = load_params(PARAMS_FILE)
     merge_masks(synthetic_source, work / "masks")
     split(synthetic_source, params.split.model_copy(update={"folds": 2}), work / "splits.csv", work / "split.json")
     preprocess(synthetic_source, work / "masks", work / "splits.csv", SIZE, work / "processed")
@@ -69,7 +87,7 @@ def processed(synthetic_source, tmp_path_factory):
 
 def tiny_params(**train_changes):
     """The repository's params with a small, fast configuration."""
-    params = load_params(REPO / "params.yaml")
+    params = load_params(PARAMS_FILE)
     no_augment = {key: 0.0 for key in ["horizontal_flip"]}
     augment = params.augment.model_copy(update=no_augment)
     for name in ["affine", "brightness_contrast", "clahe", "median_blur", "gaussian_blur"]:
@@ -89,7 +107,7 @@ def untrained_network(size: int = SIZE):
     from busi.config import NetworkConfig
     from busi.model.network import build_model
 
-    model = load_params(REPO / "params.yaml").model.model_copy(update={"encoder": "resnet18"})
+    model = load_params(PARAMS_FILE).model.model_copy(update={"encoder": "resnet18"})
     torch.manual_seed(0)
     network = build_model(model)
     with torch.no_grad():

@@ -6,18 +6,18 @@ import yaml
 
 from busi import BusiError
 from busi.config import load_params
-from conftest import REPO, run_env
+from conftest import PARAMS_FILE, run_env
 
 
 def write_params(path, change):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((PARAMS_FILE).read_text())
     change(params)
     path.write_text(yaml.safe_dump(params))
     return path
 
 
 def test_repository_params_are_valid():
-    params = load_params(REPO / "params.yaml")
+    params = load_params(PARAMS_FILE)
     assert params.preprocess.image_size % 32 == 0
     assert params.split.fractions.train + params.split.fractions.val + params.split.fractions.test == 1
 

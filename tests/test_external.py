@@ -24,7 +24,7 @@ from busi.evaluation.postprocessing import PostProcessing
 from busi.model.predictor import Predictor
 from busi.stages.fetch import fetch
 from busi.stages.split import split
-from conftest import REPO, run_env, untrained_network
+from conftest import PARAMS_FILE, REPO, run_env, untrained_network
 from synthetic import FOLDERS_DATASET, make_folders, zip_folder
 
 DATASET = DatasetParams(**FOLDERS_DATASET)
@@ -91,7 +91,7 @@ def test_fetch_indexes_a_zipped_dataset_and_split_keeps_each_patient_in_one_spli
     assert list(index.columns) == ["image_id", "label", "group", "image", "masks"]
     assert (tmp_path / "raw" / index.loc[0, "image"]).is_file() and index["group"].str.startswith("P").all()
 
-    params = load_params(REPO / "params.yaml").split.model_copy(update={"folds": 2})
+    params = load_params(PARAMS_FILE).split.model_copy(update={"folds": 2})
     report = split(tmp_path / "raw", params, tmp_path / "splits.csv", tmp_path / "split.json")
     assert report["cases_of_several_images"] == 8 and report["images_in_splits"] == 16
     rows = pd.read_csv(tmp_path / "splits.csv").merge(index[["image_id", "group"]], on="image_id",
@@ -129,7 +129,7 @@ def external_project(tmp_path, monkeypatch, store):
     """A project whose params name a zipped external dataset without normal images, and a predictor whose MLflow
     run holds BUSI test metrics."""
     external = make_folders(tmp_path / "ext", {"benign": 4, "malignant": 4}, seed=5, name="hospital_b")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((PARAMS_FILE).read_text())
     params["external"] = {"hospital-b": {**FOLDERS_DATASET, "path": str(zip_folder(external, tmp_path / "hb.zip"))}}
     params["evaluate"]["bootstrap"] = 50
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -200,7 +200,7 @@ def test_an_external_dataset_holding_images_the_model_saw_is_refused(external_pr
     project, _ = external_project  # as if the model had been trained on the "external" dataset itself
     monkeypatch.setenv("BUSI_ARCHIVE", str(project / "ext" / "hospital_b"))
     fetch(project / "data/raw", DATASET)
-    split(project / "data/raw", load_params(REPO / "params.yaml").split.model_copy(update={"folds": 2}),
+    split(project / "data/raw", load_params(PARAMS_FILE).split.model_copy(update={"folds": 2}),
           project / "data/splits.csv", project / "split.json")
     assert main(["evaluate-external", "hospital-b"]) == 1
     err = capsys.readouterr().err
@@ -213,8 +213,9 @@ def folders_repo(tmp_path) -> tuple[Path, dict]:
     """A git + DVC repository of the project trained on a folders-layout dataset, with an external dataset."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]:
+    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
         shutil.copy(REPO / name, repo / name)
+    shutil.copy(PARAMS_FILE, repo / "params.yaml")
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
     source = make_folders(tmp_path / "source", {"benign": 6, "malignant": 6, "normal": 4})
     external = make_folders(tmp_path / "ext", {"benign": 3, "malignant": 3}, seed=9, name="hospital_b")

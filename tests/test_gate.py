@@ -6,7 +6,7 @@ import pytest
 
 from busi import BusiError
 from busi.commands.check_metrics import TOLERANCES, check_metrics
-from conftest import REPO, run_env
+from conftest import PARAMS_FILE, run_env
 
 BASELINE = {"dice": 0.70, "iou": 0.55, "pixel_accuracy": 0.96, "dice_per_image": 0.60, "f1_weighted": 0.74,
             "accuracy": 0.73, "per_class": {"malignant": {"dice": 0.7}}}
@@ -19,7 +19,7 @@ def write(path, metrics):
 
 def check(tmp_path, new):
     """Run the CLI as CI does; returns (exit code, stdout, stderr)."""
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text((PARAMS_FILE).read_text())
     write(tmp_path / "baseline.json", BASELINE)
     new_path = new if not isinstance(new, dict) else write(tmp_path / "new.json", new)
     result = subprocess.run([sys.executable, "-m", "busi", "check-metrics", str(new_path), "--baseline",

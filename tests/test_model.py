@@ -9,9 +9,9 @@ from busi import BusiError
 from busi.config import NetworkConfig, load_params
 from busi.model.checkpoint import load_checkpoint, save_checkpoint
 from busi.model.network import build_model
-from conftest import REPO
+from conftest import PARAMS_FILE
 
-PARAMS = load_params(REPO / "params.yaml")
+PARAMS = load_params(PARAMS_FILE)
 NETWORK = NetworkConfig(model=PARAMS.model, image_size=PARAMS.preprocess.image_size)
 
 

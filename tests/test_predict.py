@@ -21,7 +21,7 @@ from busi.evaluation.postprocessing import PostProcessing
 from busi.model import serving
 from busi.model.checkpoint import load_checkpoint, save_checkpoint
 from busi.model.predictor import Predictor
-from conftest import REPO, run_env, untrained_network
+from conftest import PARAMS_FILE, REPO, run_env, untrained_network
 from synthetic import speckle
 from test_fetch import huge_png_header
 
@@ -173,7 +173,7 @@ def store(tmp_path, monkeypatch):
 def test_mlflow_model_uris_load_the_logged_predictor(store, predictor_dir, images, tmp_path):
     predict([images / "l_small.png"], str(predictor_dir), tmp_path / "folder")
     expected = json.loads((tmp_path / "folder" / "predictions.jsonl").read_text())
-    run_id = tracking.start_run(load_params(REPO / "params.yaml"))
+    run_id = tracking.start_run(load_params(PARAMS_FILE))
     model_uri = tracking.log_model(predictor_dir, serving)
     tracking.end_run()
     for uri in (model_uri, f"runs:/{run_id}/model"):
@@ -218,7 +218,8 @@ def test_the_predictor_post_processing_applies_without_flags_and_flags_override(
         return json.loads((out / "predictions.jsonl").read_text()), result.stderr, out
 
     record, said, out = run()
-    assert "predict: threshold 0.6, flip TTA on, largest component on, label from mask on (from" in said
+    assert ("predict: threshold 0.6, flip TTA on, largest component on, label from mask on, mask from label off, "
+            "temperature 1.00 (from") in said
     mask = (np.asarray(Image.open(out / record["mask"])) > 0).astype(np.uint8)
     assert mask.any() and cv2.connectedComponents(mask)[0] == 2  # background + one region
     assert record["label"] in ("benign", "malignant")  # a lesion: not normal

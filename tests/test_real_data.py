@@ -10,7 +10,7 @@ from busi.data.busi_layout import find_root, scan
 from busi.stages.fetch import fetch
 from busi.stages.merge_masks import merge_masks
 from busi.stages.split import split
-from conftest import REPO
+from conftest import PARAMS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_real_archive_counts(real_archive, tmp_path, monkeypatch):
 def test_real_split_keeps_every_group_of_copies_in_one_split(real_archive, tmp_path, monkeypatch):
     monkeypatch.setenv("BUSI_ARCHIVE", str(real_archive))
     fetch(tmp_path / "raw")
-    params = load_params(REPO / "params.yaml").split
+    params = load_params(PARAMS_FILE).split
     report = split(tmp_path / "raw", params, tmp_path / "splits.csv", tmp_path / "split.json")
     with (tmp_path / "splits.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -70,7 +70,7 @@ def test_real_archive_in_the_folders_layout_gives_the_same_split(real_archive, t
 
     monkeypatch.setenv("BUSI_ARCHIVE", str(real_archive))
     fetch(tmp_path / "raw")
-    params = load_params(REPO / "params.yaml").split
+    params = load_params(PARAMS_FILE).split
     split(tmp_path / "raw", params, tmp_path / "splits.csv", tmp_path / "split.json")
     busi_rows = {row["image_id"]: row for row in csv.DictReader((tmp_path / "splits.csv").open())}
 

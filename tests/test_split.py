@@ -5,7 +5,7 @@ import pytest
 
 from busi.config import load_params
 from busi.stages.split import split
-from conftest import REPO
+from conftest import PARAMS_FILE
 from synthetic import COUNTS
 
 
@@ -15,7 +15,7 @@ def read_rows(path):
 
 
 def params(**changes):
-    base = load_params(REPO / "params.yaml").split
+    base = load_params(PARAMS_FILE).split
     return base.model_copy(update=changes)
 
 

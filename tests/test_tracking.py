@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from busi import BusiError, tracking
 from busi.config import load_params
-from conftest import REPO, run_env
+from conftest import PARAMS_FILE, run_env
 
 SIZE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +26,7 @@ HISTORY = [
 
 
 def tiny_params(**model):
-    params = load_params(REPO / "params.yaml")
+    params = load_params(PARAMS_FILE)
     model = {"encoder": "mobilenet_v2", "encoder_weights": None, **model}
     return params.model_copy(update={
         "model": params.model.model_copy(update=model),
