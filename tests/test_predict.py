@@ -154,9 +154,16 @@ def test_broken_files_are_reported_and_the_others_done(images, checkpoint, proje
     assert np.asarray(Image.open(project / "out" / "ok_mask.png")).shape == (70, 80)
 
 
-def test_an_unknown_model_is_one_error(tmp_path, images):
-    with pytest.raises(BusiError, match="no such predictor or checkpoint"):
-        predict([images], str(tmp_path / "nothing"), tmp_path / "out")
+def test_an_unknown_model_is_one_error(tmp_path, images, monkeypatch):
+    with pytest.raises(BusiError, match=f"no such predictor or checkpoint in {tmp_path}"):
+        monkeypatch.chdir(tmp_path)  # outside any repository: the error says where it looked
+        predict([images], "predictor", tmp_path / "out")
+    # A models:/ URI with no tracking store: one line naming the store, and no empty mlflow.db left behind.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    with pytest.raises(BusiError, match=f"no MLflow store at sqlite:///{tmp_path}/mlflow.db"):
+        predict([images], "models:/m-0123", tmp_path / "out")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from busi import BusiError, tracking
+from busi.cli import build_parser
 from busi.commands.report import plot_curves, read_curves, report
 from busi.stages.train import train
 from conftest import PARAMS_FILE, SIZE, run_env, tiny_params
@@ -218,3 +219,12 @@ def test_recipe_table_compares_out_of_fold_predictions_with_the_baseline(tmp_pat
     assert named[0][0].split(" (")[0] == "balanced" and named[1][-2].startswith("-0.583 [")
     with pytest.raises(BusiError, match="--baseline 'nope'"):
         report(tmp_path / "bad.md", None, baseline="nope")
+
+
+def test_report_without_out_never_touches_the_committed_study_table():
+    """`busi report` with no --out writes reports/runs.md (git-ignored): the committed cross-validated grid in
+    reports/study.md is only rewritten when a user names it."""
+    assert build_parser().parse_args(["report"]).out == Path("reports/runs.md")
+    ignored = subprocess.run(["git", "check-ignore", "reports/runs.md", "reports/runs_val_curves.png"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert ignored.stdout.split() == ["reports/runs.md", "reports/runs_val_curves.png"]

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("report", "the study's comparison table and figures from every MLflow run",
                   "Writes the markdown report and its curves figure, and logs both to the experiment's\n"
                   "study-report run. Reads ./mlflow.db or $MLFLOW_TRACKING_URI.")
-    cmd.add_argument("--out", type=Path, default=Path("reports/study.md"), help="the markdown report")
+    cmd.add_argument("--out", type=Path, default=Path("reports/runs.md"),
+                     help="the markdown report (default: reports/runs.md, never the committed reports/study.md)")
     cmd.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or busi)")
     cmd.add_argument("--where", default="", help="only the runs that pass this MLflow search filter, e.g. "
                      "\"params.`train.epochs` = '3'\" (default: every run)")

@@ -65,6 +65,17 @@ def tracking_uri() -> str:
     return uri
 
 
+def existing_store() -> str:
+    """The tracking URI, for commands that only read: a sqlite file that is not there is an error naming the path
+    (MLflow would create an empty store in the current folder, and then find nothing in it)."""
+    uri = tracking_uri()
+    db = urlparse(uri)
+    if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():
+        raise BusiError(f"no MLflow store at {uri}: train a model first, run from the repository, "
+                        "or set MLFLOW_TRACKING_URI")
+    return uri
+
+
 @functools.cache
 def check_server(uri: str) -> None:
     """A tracking server that cannot be reached is one line at once (MLflow itself retries for minutes and then
@@ -387,7 +398,7 @@ def log_model(predictor_dir: Path, serving) -> str:
 def download_predictor(uri: str, dst: Path) -> Path:
     """Download a logged model and return its predictor folder (or, for a model logged by an earlier version,
     its checkpoint file)."""
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(existing_store())
     try:
         folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
         # The MLmodel file says where log_model put the artifact inside the model folder.
@@ -402,10 +413,7 @@ def download_predictor(uri: str, dst: Path) -> Path:
 def finished_runs(experiment: str, where: str = "") -> tuple[list[Run], int, str]:
     """The experiment's FINISHED runs (oldest first) but the report's own, how many others it has, and the store's
     URI; `where`: an MLflow search filter (e.g. "params.`train.epochs` = '3'") that every run must pass."""
-    uri = tracking_uri()
-    db = urlparse(uri)
-    if db.scheme == "sqlite" and not Path(db.path[1:]).is_file():  # MlflowClient would create an empty one
-        raise BusiError(f"no MLflow store at {uri}: train a model first (or set MLFLOW_TRACKING_URI)")  # a path
+    uri = existing_store()
     client = mlflow.MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -78,8 +78,9 @@ def load_model(model: str) -> Predictor:
 
         with tempfile.TemporaryDirectory(prefix="busi-model-") as tmp:
             return load_predictor(tracking.download_predictor(model, Path(tmp)))
-    raise BusiError(f"{model}: no such predictor or checkpoint (run `dvc repro evaluate` for predictor/), "
-                    "nor an MLflow model URI such as models:/...")
+    raise BusiError(f"{model}: no such predictor or checkpoint in {Path.cwd()} (the evaluate stage writes "
+                    "predictor/ at the repository root: run from there or give its path), nor an MLflow model URI "
+                    "such as models:/...")
 
 
 def find_images(inputs: list[Path], out_dir: Path) -> list[Path]:

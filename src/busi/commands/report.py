@@ -3,8 +3,8 @@
 Reads the experiment's FINISHED runs: their params (logged flattened by busi.tracking), their per-epoch
 validation curves, and the test and validation metrics that the evaluate stage logs into the training run
 (named and read back by busi.tracking). Writes
-reports/study.md with one row per evaluated run beside the study's own Table 1, and
-reports/study_val_curves.png, both also logged to the experiment's `study-report` run. Finished runs without
+reports/runs.md (or --out) with one row per evaluated run beside the study's own Table 1, and
+its <stem>_val_curves.png, both also logged to the experiment's `study-report` run. Finished runs without
 any test metric are listed under the table as not evaluated.
 
 Runs scored on external datasets (`busi evaluate-external`) get a table of those scores beside their BUSI test
