@@ -7,9 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from busi.data.copies import CopyPair, copy_groups, find_copy_pairs
-
-BUSI_ZIP = Path(__file__).resolve().parents[2] / "shared/data/busi" / "Dataset_BUSI_with_GT.zip"
+from busi.data.copies import CopyPair, _features, _frame, copy_groups, find_copy_pairs
+from conftest import REAL_ARCHIVE
 
 
 def scan(seed: int, shape: tuple[int, int] = (300, 400)) -> np.ndarray:
@@ -114,17 +113,29 @@ def frame(tissue_seed: int, frame_seed: int, shift: tuple[int, int], shape=(300,
     return np.clip(view + 110, 0, 255).astype(np.uint8), mask[window]
 
 
-def test_consecutive_frames_of_one_lesion_are_paired_and_look_alikes_are_not(tmp_path):
+def test_consecutive_frames_are_paired_by_the_whole_image_and_look_alikes_are_not(tmp_path):
+    """Frames of one scan are paired whether or not the annotators' masks agree, and normal frames (no mask) too;
+    other patients' scans with the same lesion shape are not."""
     frames = {"benign (1)": frame(1, 10, (0, 0)), "malignant (2)": frame(1, 11, (14, 6)),  # one patient, two frames
-              "benign (3)": frame(2, 12, (0, 0)), "benign (4)": frame(3, 13, (14, 6))}  # same lesion shape, others
+              "benign (3)": frame(2, 12, (0, 0)), "benign (4)": frame(3, 13, (14, 6)),  # same lesion shape, others
+              "benign (5)": frame(4, 14, (0, 0)), "benign (6)": frame(4, 15, (-10, 8)),  # masks drawn differently
+              "normal (7)": frame(5, 16, (0, 0)), "normal (8)": frame(5, 17, (8, -6))}  # normal: no masks
+    masks = {image_id: mask for image_id, (_, mask) in frames.items() if not image_id.startswith("normal")}
+    masks["benign (6)"] = np.zeros_like(masks["benign (6)"])
+    cv2.ellipse(masks["benign (6)"], (120, 90), (30, 40), 80, 0, 360, 255, -1)  # another outline, elsewhere
     paths = write(tmp_path, {image_id: image for image_id, (image, _) in frames.items()})
     (tmp_path / "masks").mkdir()
-    mask_files = write(tmp_path / "masks", {image_id: mask for image_id, (_, mask) in frames.items()})
-    masks = {image_id: (path,) for image_id, path in mask_files.items()}
-    pairs = find_copy_pairs(paths, masks)
-    assert [(p.a, p.b, p.kind) for p in pairs] == [("benign (1)", "malignant (2)", "frame")]  # across classes too
-    assert pairs[0].scale == pytest.approx(1.0, abs=0.03) and pairs[0].similarity > 0.9  # masks agree once mapped
-    assert find_copy_pairs(paths) == []  # no pixel copy: frames are told by their lesions
+    mask_files = {image_id: (path,) for image_id, path in write(tmp_path / "masks", masks).items()}
+    pairs = find_copy_pairs(paths, mask_files)
+    assert [(p.a, p.b, p.kind) for p in pairs] == [("benign (1)", "malignant (2)", "frame"),  # across classes too
+                                                   ("benign (5)", "benign (6)", "frame"),
+                                                   ("normal (7)", "normal (8)", "frame")]
+    assert all(p.scale == pytest.approx(1.0, abs=0.03) and p.similarity >= 0.2 for p in pairs)  # tiles correlate
+    assert [(p.a, p.b) for p in find_copy_pairs(paths)] == [(p.a, p.b) for p in pairs]  # masks are not needed
+    # The lesion route on its own: it pairs the frames whose masks agree, and alone it would miss (5, 6).
+    features = {image_id: _features(paths[image_id], mask_files[image_id]) for image_id in masks}
+    assert _frame(features["benign (1)"], features["malignant (2)"])[2] > 0.9  # the masks agree once mapped
+    assert _frame(features["benign (5)"], features["benign (6)"]) is None
 
 
 def test_copy_groups_are_transitive_and_named_by_the_first_id():
@@ -144,9 +155,9 @@ def test_copy_groups_are_transitive_and_named_by_the_first_id():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BUSI_ZIP.exists(), reason=f"BUSI archive not found at {BUSI_ZIP}")
+@pytest.mark.skipif(not REAL_ARCHIVE.exists(), reason=f"BUSI archive not found at {REAL_ARCHIVE} (set BUSI_ARCHIVE)")
 def test_identical_files_in_real_archive_share_a_group(tmp_path):
-    with zipfile.ZipFile(BUSI_ZIP) as archive:
+    with zipfile.ZipFile(REAL_ARCHIVE) as archive:
         members = [m for m in archive.namelist() if m.endswith(".png") and "_mask" not in m]
         archive.extractall(tmp_path, members)
     paths = {Path(m).stem: tmp_path / m for m in members}

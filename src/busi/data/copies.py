@@ -3,10 +3,12 @@ consecutive frames of one lesion (the probe moved a little: not a pixel copy, th
 
 Copies: ORB keypoints per image -> shortlist candidate pairs by pooled descriptor votes -> similarity transform
 by RANSAC -> pixel-level check of the warped overlap.
-Frames: lesion shapes compared centred (a cheap prefilter over all pairs of lesion images) -> RANSAC on the
-keypoints around the lesion, at the same zoom -> the lesion masks must agree once one frame is mapped onto the
-other.
-Both kinds of pairs -> union-find groups.
+Frames, two ways, either enough (annotators draw the masks of two frames differently, and normal images have none):
+- by the whole image: each image's nearest look-alikes (blurred thumbnails) -> RANSAC on all keypoints at the same
+  zoom -> the warped overlap's tiles must correlate more than other patients' ever do (less than a copy's);
+- by the lesion: lesion shapes compared centred (a cheap prefilter over all pairs of lesion images) -> RANSAC on
+  the keypoints around the lesion, at the same zoom -> the lesion masks must agree once mapped.
+All pairs -> union-find groups.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ FRAME_SCALE = (0.9, 1.1)  # the same zoom: frames of one lesion 0.92-1.09, other
 FRAME_MIN_INLIERS = 6  # RANSAC inliers among the keypoints around the lesion
 MAX_FRAME_ROTATION_DEG = 5.0  # the probe turned a little
 FRAME_MIN_MASK_IOU = 0.6  # lesion masks after the transform: frames of one lesion 0.62-0.93, others <= 0.52
+# Frames by the whole image (measured on BUSI, docs/data.md "Copies of one scan": every accepted pair and the
+# closest rejected ones were looked at side by side).
+THUMBNAIL = (32, 24)  # blurred, normalised thumbnails: frames of one scan are each other's nearest look-alikes
+LOOK_ALIKES = 20  # nearest thumbnails verified per image: frames rank in the top 10
+FRAME_MIN_WHOLE_INLIERS = 4  # RANSAC inliers over the whole image (the tile NCC is the real guard)
+FRAME_MIN_NCC = 0.2  # median tile NCC of the overlap: frames of one scan 0.23-0.45, other patients <= 0.14
+STATIC_NCC = 0.9  # a tile this alike at the same screen position in two images is the scanner's, not tissue
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,8 @@ class CopyPair:
     b: str
     scale: float  # b's size relative to a's: a pixel x of a shows at scale * x + t in b (original pixels)
     inliers: int
-    similarity: float  # a copy: median NCC of the overlapping tiles; a frame: IoU of the mapped lesion masks
+    similarity: float  # a copy, or a frame by the whole image: median tile NCC of the overlap; a frame by the
+    # lesion: IoU of the mapped lesion masks
     kind: str = "copy"  # "copy" (the same pixels) or "frame" (another frame of the same lesion)
 
 
@@ -66,6 +76,7 @@ class _Features:
     factor: float  # working / original size
     points: np.ndarray  # (n, 2) float32 keypoint positions
     descriptors: np.ndarray  # (n, 32) uint8 ORB descriptors
+    thumbnail: np.ndarray  # THUMBNAIL, blurred, zero mean, unit norm: a dot product is a correlation
     lesion: np.ndarray | None = None  # bool, the image's size: its lesion (None: no mask given or no lesion)
     near_lesion: np.ndarray | None = None  # bool per keypoint: within FRAME_REGION_PX of the lesion
 
@@ -81,7 +92,9 @@ def _features(path: Path, mask_paths: tuple[Path, ...] = ()) -> _Features:
     if descriptors is None:
         descriptors = np.zeros((0, 32), np.uint8)
     points = np.array([k.pt for k in keypoints], np.float32).reshape(-1, 2)
-    features = _Features(image, factor, points, descriptors)
+    thumbnail = cv2.resize(cv2.GaussianBlur(image, (0, 0), 4), THUMBNAIL, interpolation=cv2.INTER_AREA).ravel()
+    thumbnail = thumbnail.astype(np.float32) - thumbnail.mean()
+    features = _Features(image, factor, points, descriptors, thumbnail / max(float(np.linalg.norm(thumbnail)), 1e-6))
     lesion = np.zeros(gray.shape, bool)
     for mask_path in mask_paths:
         lesion |= read_mask(mask_path)  # fetch checked its size
@@ -158,11 +171,13 @@ def _fit(points_a, descriptors_a, points_b, descriptors_b, min_inliers: int, sca
     return matrix, int(inlier_mask.sum()), scale
 
 
-def _tile_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray) -> float | None:
+def _tile_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray, ignore_static: bool = False) -> float | None:
     """Median NCC over TILE-pixel tiles of b and a warped into b's frame (None: overlap too small).
 
     Local tiles, not one global NCC: the bright skin line, dark acoustic shadow and black screen border that
     every scan shares inflate a global NCC between different patients; tiles only agree if the speckle does.
+    `ignore_static`: leave out the tiles that are the same at the same place on the screen in both images (the
+    scanner's text, ruler and markers): two frames differ there only where the tissue is.
     """
     size = (b.shape[1], b.shape[0])
     warped = cv2.warpAffine(a, matrix, size, flags=cv2.INTER_LINEAR).astype(np.float32)
@@ -176,14 +191,24 @@ def _tile_ncc(a: np.ndarray, b: np.ndarray, matrix: np.ndarray) -> float | None:
         blocks = image[: rows * TILE, : cols * TILE].reshape(rows, TILE, cols, TILE)
         return blocks.swapaxes(1, 2).reshape(rows * cols, -1)
 
-    x, y = tiles(warped), tiles(b.astype(np.float32))
-    x, y = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
-    sx, sy = np.sqrt((x * x).sum(1)), np.sqrt((y * y).sum(1))
-    flat = TILE * FLAT_STD  # tiles this flat (black border, anechoic) carry no evidence either way
-    usable = tiles(inside).all(1) & (sx > flat) & (sy > flat)
+    def ncc(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # per tile, and which tiles have texture
+        x, y = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+        sx, sy = np.sqrt((x * x).sum(1)), np.sqrt((y * y).sum(1))
+        flat = TILE * FLAT_STD  # tiles this flat (black border, anechoic) carry no evidence either way
+        textured = (sx > flat) & (sy > flat)
+        return np.where(textured, (x * y).sum(1) / np.maximum(sx * sy, 1e-9), 0.0), textured
+
+    correlation, textured = ncc(tiles(warped), tiles(b.astype(np.float32)))
+    usable = tiles(inside).all(1) & textured
+    if ignore_static:
+        unmoved = np.zeros(b.shape, np.float32)  # a at the same screen position, cut or padded to b's size
+        h, w = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+        unmoved[:h, :w] = a[:h, :w]
+        same_place, _ = ncc(tiles(unmoved), tiles(b.astype(np.float32)))
+        usable &= same_place < STATIC_NCC
     if usable.sum() < MIN_TILES:
         return None
-    return float(np.median((x * y).sum(1)[usable] / (sx * sy)[usable]))
+    return float(np.median(correlation[usable]))
 
 
 def find_copy_pairs(paths: Mapping[str, Path], masks: Mapping[str, tuple[Path, ...]] | None = None) -> list[CopyPair]:
@@ -205,13 +230,35 @@ def find_copy_pairs(paths: Mapping[str, Path], masks: Mapping[str, tuple[Path, .
             working_scale = math.hypot(matrix[0, 0], matrix[1, 0])
             scale = working_scale * feats[i].factor / feats[j].factor  # in original pixels
             found.append(CopyPair(ids[i], ids[j], round(scale, 4), inliers, round(similarity, 4)))
-    copies = {(pair.a, pair.b) for pair in found}
-    for i, j in _same_shape(feats):
-        if (ids[i], ids[j]) not in copies and (frame := _frame(feats[i], feats[j])) is not None:
-            scale, inliers, mask_iou = frame
-            found.append(CopyPair(ids[i], ids[j], round(scale * feats[i].factor / feats[j].factor, 4), inliers,
-                                  round(mask_iou, 4), kind="frame"))
+    for frames, evidence in ((_look_alikes(feats), _whole_frame), (_same_shape(feats), _frame)):
+        known = {(pair.a, pair.b) for pair in found}
+        for i, j in frames:
+            if (ids[i], ids[j]) not in known and (frame := evidence(feats[i], feats[j])) is not None:
+                scale, inliers, similarity = frame
+                found.append(CopyPair(ids[i], ids[j], round(scale * feats[i].factor / feats[j].factor, 4), inliers,
+                                      round(similarity, 4), kind="frame"))
     return sorted(found, key=lambda pair: (pair.a, pair.b))
+
+
+def _look_alikes(feats: list[_Features]) -> list[tuple[int, int]]:
+    """Each image with its LOOK_ALIKES most correlated thumbnails (i < j)."""
+    thumbnails = np.array([f.thumbnail for f in feats])
+    correlation = thumbnails @ thumbnails.T
+    np.fill_diagonal(correlation, -np.inf)
+    nearest = np.argsort(-correlation, axis=1)[:, : min(LOOK_ALIKES, len(feats) - 1)]  # itself sorts last
+    return sorted({(min(i, int(j)), max(i, int(j))) for i, row in enumerate(nearest) for j in row})
+
+
+def _whole_frame(fa: _Features, fb: _Features) -> tuple[float, int, float] | None:
+    """(working scale, inliers, tile NCC) when b is another frame of a's scan: all keypoints fit one transform at
+    the same zoom, and the overlap's tiles correlate as only one patient's tissue does (masks are not needed)."""
+    fit = _fit(fa.points, fa.descriptors, fb.points, fb.descriptors, FRAME_MIN_WHOLE_INLIERS, FRAME_SCALE,
+               MAX_FRAME_ROTATION_DEG)
+    if fit is None:
+        return None
+    matrix, inliers, scale = fit
+    similarity = _tile_ncc(fa.image, fb.image, matrix, ignore_static=True)
+    return (scale, inliers, similarity) if similarity is not None and similarity >= FRAME_MIN_NCC else None
 
 
 def _same_shape(feats: list[_Features]) -> list[tuple[int, int]]:
