@@ -12,44 +12,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import PARAMS_FILE, REPO, run_env
+from conftest import REPO, set_param, sh
 from synthetic import zip_folder
 
 pytestmark = pytest.mark.slow
-
-
-def sh(*args, cwd, env=None):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def set_param(repo, section, key, value):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture
-def dvc_repo(tmp_path, busi_zip):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
-        shutil.copy(REPO / name, repo / name)
-    shutil.copy(PARAMS_FILE, repo / "params.yaml")
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "metrics").mkdir()
-    set_param(repo, "split", "folds", 2)  # the synthetic archive is small
-    set_param(repo, "preprocess", "image_size", 64)
-    set_param(repo, "train", "epochs", 1)
-    set_param(repo, "train", "precision", "fp32")
-    set_param(repo, "evaluate", "bootstrap", 50)
-    sh("git", "init", "-q", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
-    sh("dvc", "config", "core.analytics", "false", cwd=repo)
-    sh("git", "add", "-A", cwd=repo)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=repo)
-    return repo, run_env(BUSI_ARCHIVE=str(busi_zip))
 
 
 def run_names(repo):
@@ -95,6 +61,13 @@ def test_dvc_repro_builds_caches_and_reruns_only_what_changed(dvc_repo):
     set_param(repo, "train", "lr", "abc")
     failed = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
     assert failed.returncode != 0 and "error: params.yaml: train.lr: " in failed.stdout + failed.stderr
+    assert "Running stage 'train'" not in failed.stdout  # stopped by the source stage, before any other
+    assert {name: (repo / name).read_bytes() for name in kept} == kept
+    set_param(repo, "train", "lr", 0.001)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, "trian": {"epochs": 3}}, sort_keys=False))
+    failed = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "error: params.yaml: trian: " in failed.stdout + failed.stderr  # read by none
     assert {name: (repo / name).read_bytes() for name in kept} == kept
     assert (repo / "models/last.pt").is_file() and run_names(repo) == ["resnet18-scse", "resnet18-scse"]
 

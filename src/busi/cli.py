@@ -18,7 +18,10 @@ from busi import BusiError
 from busi.config import load_params
 
 # Commands that read params.yaml; the others run from any directory without one.
-NEEDS_PARAMS = {"fetch", "split", "preprocess", "train", "cross-validate", "evaluate", "evaluate-external", "ablate"}
+# source runs first on every `dvc repro` (always_changed): validating the whole file there stops a mistyped or
+# unknown key before DVC removes any stage's outputs, even a key no stage depends on.
+NEEDS_PARAMS = {"source", "fetch", "split", "preprocess", "train", "cross-validate", "evaluate", "evaluate-external",
+                "ablate"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
