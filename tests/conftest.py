@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from busi.config import load_params
 from busi.stages.merge_masks import merge_masks
@@ -131,3 +132,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def sh(*args, cwd, env=None):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def set_param(repo, section, key, value):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, busi_zip):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
+        shutil.copy(REPO / name, repo / name)
+    shutil.copy(PARAMS_FILE, repo / "params.yaml")
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "metrics").mkdir()
+    set_param(repo, "split", "folds", 2)  # the synthetic archive is small
+    set_param(repo, "preprocess", "image_size", 64)
+    set_param(repo, "train", "epochs", 1)
+    set_param(repo, "train", "precision", "fp32")
+    set_param(repo, "evaluate", "bootstrap", 50)
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "config", "core.analytics", "false", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=repo)
+    return repo, run_env(BUSI_ARCHIVE=str(busi_zip))

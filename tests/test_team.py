@@ -1,0 +1,118 @@
+"""A team's set-up, really run: one MLflow tracking server on PostgreSQL with proxied artifacts, the pipeline
+run against it, and data and models shared through a DVC remote (docs/team.md)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import sh
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_postgres(*command: str) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL 15 cluster on a loopback port: its URI."""
+    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
+        pytest.skip("PostgreSQL's initdb/pg_ctl not found (Debian: apt install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="busi-pg-"))  # not under pytest's root-only folder: postgres reads it
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data = folder / "data"
+    sh(*as_postgres("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"), cwd=folder)
+    sh(*as_postgres("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"), "start", cwd=folder)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_postgres("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"), capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres, tmp_path_factory):
+    """`mlflow server` as docs/team.md starts it: PostgreSQL backend store, artifacts proxied from a folder."""
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
+         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"mlflow server did not start: {server.stdout.read().decode()[-3000:]}") \
+                        from None
+                time.sleep(1)
+        yield url, postgres, artifacts
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its workers follow
+        server.wait(timeout=30)
+
+
+def test_the_pipeline_on_a_team_server_and_a_clone_from_the_dvc_remote(dvc_repo, tracking_server, tmp_path):
+    """`dvc repro` logs into the PostgreSQL-backed server (no mlflow.db appears), its model's files go through
+    the server to the artifact folder; `busi report` and `busi predict models:/...` read the server; `dvc push`
+    to a remote, then a fresh clone's `dvc pull` gives the same outputs with nothing to re-run."""
+    repo, env = dvc_repo
+    url, postgres, artifacts = tracking_server
+    env = {**env, "MLFLOW_TRACKING_URI": url}
+    sh("dvc", "repro", cwd=repo, env=env)
+    assert not (repo / "mlflow.db").exists()
+
+    store = mlflow.MlflowClient(postgres)  # the server's own database, read directly
+    (run,) = store.search_runs([store.get_experiment_by_name("busi").experiment_id])
+    assert run.info.status == "FINISHED" and "test/dice" in run.data.metrics
+    (model,) = store.search_logged_models([run.info.experiment_id])
+    assert any(artifacts.rglob("predictor.json"))  # uploaded through the server, not written by the client
+    report = sh(sys.executable, "-m", "busi", "report", "--out", str(tmp_path / "runs.md"), cwd=repo, env=env)
+    assert "wrote" in report and run.info.run_id[:8] in (tmp_path / "runs.md").read_text()
+    scan = min(path for path in (repo / "data/raw").rglob("*.png") if "_mask" not in path.name)
+    sh(sys.executable, "-m", "busi", "predict", str(scan), "--model", f"models:/{model.model_id}",
+       "--out", str(tmp_path / "predicted"), cwd=repo, env=env)
+    assert (tmp_path / "predicted" / "predictions.jsonl").read_text().count("\n") == 1
+
+    # The team's DVC remote (a folder here; SSH or S3 for a team, the same commands).
+    sh("dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"), cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a run", cwd=repo)
+    sh("dvc", "push", cwd=repo, env=env)
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    sh("dvc", "pull", cwd=clone, env=env)
+    for path in ["data/processed/test.npz", "models/best.pt", "predictor/predictor.json"]:
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    # `source` always re-reads the archive's fingerprint (it is how a new download is noticed); nothing else runs.
+    status = sh("dvc", "status", cwd=clone, env=env)
+    assert status.split() == ["source:", "always", "changed"], status
+    again = sh("dvc", "repro", cwd=clone, env=env)
+    assert "Running stage 'source'" in again and again.count("Running stage") == 1, again
