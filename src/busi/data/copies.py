@@ -55,7 +55,7 @@ FRAME_MIN_MASK_IOU = 0.6  # lesion masks after the transform: frames of one lesi
 THUMBNAIL = (32, 24)  # blurred, normalised thumbnails: frames of one scan are each other's nearest look-alikes
 LOOK_ALIKES = 20  # nearest thumbnails verified per image: frames rank in the top 10
 FRAME_MIN_WHOLE_INLIERS = 4  # RANSAC inliers over the whole image (the tile NCC is the real guard)
-FRAME_MIN_NCC = 0.2  # median tile NCC of the overlap: frames of one scan 0.23-0.45, other patients <= 0.14
+FRAME_MIN_NCC = 0.2  # median tile NCC of the overlap: frames of one scan 0.23-0.85, other patients <= 0.14
 STATIC_NCC = 0.9  # a tile this alike at the same screen position in two images is the scanner's, not tissue
 
 
