@@ -1,7 +1,10 @@
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -146,14 +149,19 @@ def set_param(repo, section, key, value):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture
-def dvc_repo(tmp_path, busi_zip):
-    repo = tmp_path / "repo"
+def project_copy(repo: Path) -> Path:
+    """The pipeline's files (dvc.yaml, params as committed, src/) in a new folder `repo`."""
     repo.mkdir()
     for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
         shutil.copy(REPO / name, repo / name)
     shutil.copy(PARAMS_FILE, repo / "params.yaml")
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, busi_zip):
+    repo = project_copy(tmp_path / "repo")
     (repo / "metrics").mkdir()
     set_param(repo, "split", "folds", 2)  # the synthetic archive is small
     set_param(repo, "preprocess", "image_size", 64)
@@ -166,3 +174,22 @@ def dvc_repo(tmp_path, busi_zip):
     sh("git", "add", "-A", cwd=repo)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=repo)
     return repo, run_env(BUSI_ARCHIVE=str(busi_zip))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 180) -> None:
+    """Poll `url` until it answers; fail with the server's last output if it exits or takes too long."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not come up: {server.stdout.read().decode()[-3000:]}") from None
+            time.sleep(1)

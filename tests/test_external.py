@@ -3,7 +3,6 @@ scored as an external dataset by evaluate-external (the CLI, MLflow, and `dvc re
 
 import csv
 import json
-import shutil
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +23,7 @@ from busi.evaluation.postprocessing import PostProcessing
 from busi.model.predictor import Predictor
 from busi.stages.fetch import fetch
 from busi.stages.split import split
-from conftest import PARAMS_FILE, REPO, run_env, untrained_network
+from conftest import PARAMS_FILE, project_copy, run_env, untrained_network
 from synthetic import FOLDERS_DATASET, make_folders, zip_folder
 
 DATASET = DatasetParams(**FOLDERS_DATASET)
@@ -211,12 +210,7 @@ def test_an_external_dataset_holding_images_the_model_saw_is_refused(external_pr
 
 def folders_repo(tmp_path) -> tuple[Path, dict]:
     """A git + DVC repository of the project trained on a folders-layout dataset, with an external dataset."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ["dvc.yaml", ".gitignore", ".dvcignore"]:
-        shutil.copy(REPO / name, repo / name)
-    shutil.copy(PARAMS_FILE, repo / "params.yaml")
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    repo = project_copy(tmp_path / "repo")
     source = make_folders(tmp_path / "source", {"benign": 6, "malignant": 6, "normal": 4})
     external = make_folders(tmp_path / "ext", {"benign": 3, "malignant": 3}, seed=9, name="hospital_b")
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -7,10 +7,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,7 +26,7 @@ from busi.config import load_params
 from busi.evaluation.postprocessing import PostProcessing
 from busi.model import serving
 from busi.model.predictor import Predictor, load_predictor
-from conftest import PARAMS_FILE, REPO, untrained_network
+from conftest import PARAMS_FILE, REPO, free_port, untrained_network, wait_until_up
 from synthetic import speckle
 
 SIZE = 64
@@ -109,12 +107,6 @@ def test_the_logged_model_answers_as_the_predictor(model_uri, predictor_dir, ima
         model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text").decode()]}))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -132,15 +124,7 @@ def test_mlflow_models_serve_answers_a_real_request(model_uri, images, tmp_path)
         env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"server did not start: {server.stdout.read().decode()[-3000:]}") from None
-                time.sleep(1)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
         url = f"http://127.0.0.1:{port}/invocations"
         status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [[png(images[1])]]}})
         assert status == 200, body

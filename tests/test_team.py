@@ -7,24 +7,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import sh
+from conftest import free_port, sh, wait_until_up
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_postgres(*command: str) -> list[str]:
@@ -63,16 +53,7 @@ def tracking_server(postgres, tmp_path_factory):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow server did not start: {server.stdout.read().decode()[-3000:]}") \
-                        from None
-                time.sleep(1)
+        wait_until_up(f"{url}/health", server)
         yield url, postgres, artifacts
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its workers follow
