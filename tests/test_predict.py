@@ -138,6 +138,7 @@ def test_broken_files_are_reported_and_the_others_done(images, checkpoint, proje
     (good / "corrupt.png").write_bytes((images / "l_small.png").read_bytes()[:300])  # truncated
     (good / "fake.jpg").write_text("not an image")
     huge_png_header(good / "huge.png")  # a header claiming 20000x20000 pixels: refused, not decoded
+    (good / "loop.png").symlink_to("loop.png")  # a link to itself: reported, not silently skipped
     (project / "notes.txt").write_text("hello")
     (project / "empty").mkdir()
     command = [sys.executable, "-m", "busi", "predict", "in", "notes.txt", "missing.png", "empty",
@@ -145,10 +146,11 @@ def test_broken_files_are_reported_and_the_others_done(images, checkpoint, proje
     result = subprocess.run(command, cwd=project, env=run_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     errors = result.stderr.splitlines()
-    for name in ("corrupt.png", "fake.jpg", "notes.txt", "missing.png", "empty:", "huge.png: image larger than"):
+    for name in ("corrupt.png", "fake.jpg", "notes.txt", "missing.png", "empty:", "huge.png: image larger than",
+                 "loop.png: a link that leads nowhere"):
         assert sum(name in line for line in errors) == 1, result.stderr
     assert errors[0].startswith("predict: threshold 0.5")  # what it applied: a checkpoint has only defaults
-    assert len(errors) == 8 and "error: 6 of 7 inputs failed" in errors[-1]
+    assert len(errors) == 9 and "error: 7 of 8 inputs failed" in errors[-1]
     lines = (project / "out" / "predictions.jsonl").read_text().splitlines()
     assert [json.loads(line)["path"] for line in lines] == ["in/ok.png"]
     assert np.asarray(Image.open(project / "out" / "ok_mask.png")).shape == (70, 80)

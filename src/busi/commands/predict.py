@@ -13,6 +13,7 @@ reported on stderr and skipped; the others are still processed.
 """
 
 import json
+import os
 import re
 import sys
 import tempfile
@@ -42,7 +43,7 @@ def predict(inputs: list[Path], model: str, out_dir: Path, overrides: dict | Non
     if out_dir.exists() and not out_dir.is_dir():
         raise BusiError(f"{out_dir}: --out names an existing file; give a folder")
     paths = find_images(inputs, out_dir)
-    beside_inputs = {path.resolve().parent for path in paths} | {Path(e).resolve() for e in inputs if Path(e).is_dir()}
+    beside_inputs = {real(path).parent for path in paths} | {real(e) for e in inputs if Path(e).is_dir()}
     if out_dir.resolve() in beside_inputs:  # <stem>_mask.png there is BUSI's own name for the reference mask
         raise BusiError(f"{out_dir}: --out is a folder of input images; predictions written there could replace "
                         "the images' reference masks (<name>_mask.png): give another folder")
@@ -84,7 +85,8 @@ def load_model(model: str) -> Predictor:
 
 
 def find_images(inputs: list[Path], out_dir: Path) -> list[Path]:
-    """Files as given (a non-image is then reported, not silently dropped); folders searched for PNG/JPEG."""
+    """Files as given (a non-image is then reported, not silently dropped); folders searched for PNG/JPEG, dead
+    links (a loop, a missing target) included so that they are reported too."""
     out_dir = out_dir.resolve()
     paths = []
     for entry in map(Path, inputs):
@@ -93,17 +95,24 @@ def find_images(inputs: list[Path], out_dir: Path) -> list[Path]:
             continue
         found = [
             p for p in sorted(entry.rglob("*"))
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-            and not GROUND_TRUTH.search(p.stem) and out_dir not in p.resolve().parents  # not our own outputs
+            if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            and not GROUND_TRUTH.search(p.stem) and out_dir not in real(p).parents  # not ours
         ]
         paths.extend(found or [entry])  # an empty folder fails in read_image, as an input that gave nothing
     return paths
+
+
+def real(path: Path | str) -> Path:
+    """The path with its links followed; unlike Path.resolve, a link loop is no error (read_image reports it)."""
+    return Path(os.path.realpath(path))
 
 
 def read_image(path: Path) -> np.ndarray:
     """8-bit grayscale, whatever the file's mode."""
     if path.is_dir():
         raise BusiError(f"{path}: no PNG or JPEG images in this folder")
+    if path.is_symlink() and not path.exists():
+        raise BusiError(f"{path}: a link that leads nowhere (a loop or a missing target)")
     if not path.is_file():
         raise BusiError(f"{path}: no such file")
     return read_gray(path)

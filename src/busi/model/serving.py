@@ -104,8 +104,23 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [encode_png(image)]})
 
 
+class InvalidRequest(MlflowException):
+    """A bad request, answered with HTTP 400 and this one line. MLflow's scoring server rewrites the message of a
+    predict error as "Failed to predict data '<the whole input>'. Error: ..." (the client's data echoed back in
+    a multi-line text); the message of this exception is set once and keeps its own line."""
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_line"):  # MlflowException.__init__ sets it; the scoring server's rewrite is ignored
+            self._line = value
+
+
 def invalid(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    return InvalidRequest(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 mlflow.models.set_model(BusiModel())
