@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -137,8 +138,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def sh(*args, cwd, env=None):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+def sh(*args, cwd, env=None, timeout: float = 900):
+    """Run a command; its output, or a failure with its output (and never a hang: a timeout)."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -182,7 +184,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 180) -> None:
+def start_server(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A server in its own process group, its output in `log`: a pipe nobody reads fills up and blocks it."""
+    with log.open("wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to its process group (its workers follow), SIGKILL if it does not stop within 30 s."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float = 180) -> None:
     """Poll `url` until it answers; fail with the server's last output if it exits or takes too long."""
     deadline = time.monotonic() + seconds
     while True:
@@ -191,5 +209,13 @@ def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 180) -> N
                 return
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{url} did not come up: {server.stdout.read().decode()[-3000:]}") from None
+                raise AssertionError(f"{url} did not come up: {log.read_text(errors='replace')[-3000:]}") from None
             time.sleep(1)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say how to run what the default fast set left out."""
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if deselected and config.getoption("markexpr") == "not slow":
+        terminalreporter.write_line(f'{deselected} slow tests not run (real archive, DVC, servers, trainings): '
+                                    'python -m pytest -m "slow or not slow" runs every test, as CI does')

@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -26,7 +24,7 @@ from busi.config import load_params
 from busi.evaluation.postprocessing import PostProcessing
 from busi.model import serving
 from busi.model.predictor import Predictor, load_predictor
-from conftest import PARAMS_FILE, REPO, free_port, untrained_network, wait_until_up
+from conftest import PARAMS_FILE, REPO, free_port, start_server, stop_server, untrained_network, wait_until_up
 from synthetic import speckle
 
 SIZE = 64
@@ -118,13 +116,12 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 def test_mlflow_models_serve_answers_a_real_request(model_uri, images, tmp_path):
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)
+    log = tmp_path / "serve.log"
+    server = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                           "-h", "127.0.0.1", "-p", str(port), "--workers", "1"], log,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
         url = f"http://127.0.0.1:{port}/invocations"
         status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [[png(images[1])]]}})
         assert status == 200, body
@@ -147,5 +144,4 @@ def test_mlflow_models_serve_answers_a_real_request(model_uri, images, tmp_path)
         status, body = post(url, {"dataframe_split": {"columns": ["image"], "data": [[png(images[1])]]}})
         assert status == 200 and body["predictions"][0]["height"] == 301
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)

@@ -3,7 +3,6 @@ run against it, and data and models shared through a DVC remote (docs/team.md)."
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -12,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import free_port, sh, wait_until_up
+from conftest import free_port, sh, start_server, stop_server, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -47,17 +46,16 @@ def tracking_server(postgres, tmp_path_factory):
     """`mlflow server` as docs/team.md starts it: PostgreSQL backend store, artifacts proxied from a folder."""
     artifacts = tmp_path_factory.mktemp("artifacts")
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = artifacts.parent / "mlflow-server.log"
+    server = start_server([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
+                           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+                           "--workers", "1"], log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(f"{url}/health", server)
+        wait_until_up(f"{url}/health", server, log)
         yield url, postgres, artifacts
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its workers follow
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 def test_the_pipeline_on_a_team_server_and_a_clone_from_the_dvc_remote(dvc_repo, tracking_server, tmp_path):
