@@ -213,9 +213,15 @@ def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float 
             time.sleep(1)
 
 
+SLOW_LEFT_OUT = []
+
+
+def pytest_deselected(items):
+    SLOW_LEFT_OUT.extend(item for item in items if item.get_closest_marker("slow"))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Say how to run what the default fast set left out."""
-    deselected = len(terminalreporter.stats.get("deselected", []))
-    if deselected and config.getoption("markexpr") == "not slow":
-        terminalreporter.write_line(f'{deselected} slow tests not run (real archive, DVC, servers, trainings): '
+    if SLOW_LEFT_OUT and config.getoption("markexpr") == "not slow":
+        terminalreporter.write_line(f'{len(SLOW_LEFT_OUT)} slow tests not run (real archive, DVC, servers, trainings): '
                                     'python -m pytest -m "slow or not slow" runs every test, as CI does')

@@ -19,6 +19,7 @@ from conftest import tiny_params
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow  # a whole process or training (tens of seconds)
 def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, tmp_path, store):
     splits = processed.parent / "splits.csv"  # 2 folds (conftest)
     params = tiny_params(epochs=1)

@@ -1,8 +1,10 @@
 """The real `dvc repro` of the data stages, in a temporary git repository, on a synthetic archive."""
 
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 
@@ -188,3 +190,36 @@ def test_cross_validation_is_its_own_pipeline(dvc_repo):
     assert "cross_validate" not in "".join(line for line in again.splitlines() if "Running stage" in line)
     default = sh("dvc", "stage", "list", cwd=repo, env=env)  # what a plain `dvc repro` reproduces
     assert "cross_validate" not in default and "train" in default
+
+
+def test_a_killed_dvc_exp_run_resumes_its_training_and_its_mlflow_run(dvc_repo):
+    """`dvc exp run`, killed during training (SIGKILL to DVC and the training: nothing can close the run), then run
+    again: DVC checks out the baseline's models/ first, yet training resumes from its last epoch into the same
+    MLflow run, which ends FINISHED; no second run is made."""
+    repo, env = dvc_repo
+    sh("dvc", "repro", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline", cwd=repo)
+    command = ["dvc", "exp", "run", "-S", "train.epochs=40", "-S", "train.patience=40"]
+    with (repo / "exp.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=repo, env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        lines = (repo / "exp.log").read_text().splitlines()
+        if any(line.startswith("epoch 3/40") for line in lines):
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, (repo / "exp.log").read_text()
+    client = mlflow.MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    killed = [run for run in client.search_runs(client.search_experiments()[0].experiment_id)
+              if run.data.params.get("train.epochs") == "40"]
+    assert [run.info.status for run in killed] == ["RUNNING"]
+
+    again = sh(*command, cwd=repo, env=env)
+    assert "resuming from epoch " in again and f"of 40 ({repo}/.resume/" in again, again  # models/ was replaced
+    runs = [run for run in client.search_runs(client.search_experiments()[0].experiment_id)
+            if run.data.params.get("train.epochs") == "40"]
+    assert [(run.info.run_id, run.info.status) for run in runs] == [(killed[0].info.run_id, "FINISHED")]
+    assert not list((repo / ".resume").glob("*.pt"))

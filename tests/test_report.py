@@ -182,6 +182,7 @@ def test_where_keeps_the_runs_that_pass_an_mlflow_filter(store, tmp_path):
         report(tmp_path / "none.md", None, "params.`model.encoder` = 'vgg19'")
 
 
+@pytest.mark.slow  # a whole process or training (tens of seconds)
 def test_recipe_table_compares_out_of_fold_predictions_with_the_baseline(tmp_path, monkeypatch):
     """Two cross-validations whose OOF tables differ only in the labels: the baseline calls one benign image
     malignant and the normal one benign; the other recipe gets all four right. Weighted F1 by hand: baseline

@@ -114,6 +114,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+@pytest.mark.slow  # a whole process or training (tens of seconds)
 def test_mlflow_models_serve_answers_a_real_request(model_uri, images, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"

@@ -223,3 +223,20 @@ def test_runs_logged_under_the_earlier_names_are_still_read(repo):
     assert tracking.metric(run, "val_eval", "dice") == 0.8
     assert [tracking.cv_metric(run, "dice", s) for s in ("mean", "sd", "minutes")] == [0.65, 0.03, 18.4]
     assert tracking.metric_history(run_id, "val_loss") == {1: 1.5}
+
+
+def test_a_run_killed_while_it_was_re_evaluated_keeps_its_last_evaluation(repo):
+    """SIGKILL while evaluate adds to a FINISHED training run leaves it RUNNING: the report still counts it when a
+    complete evaluation (its model URI tag, set only once a model is fully logged) is there; a training killed
+    mid-way is not counted."""
+    params = tiny_params()
+    evaluated, training = tracking.start_run(params), None
+    tracking.end_run()
+    MlflowClient().set_tag(evaluated, tracking.MODEL_URI_TAG, "models:/m-1")
+    MlflowClient().update_run(evaluated, status="RUNNING")
+    training = tracking.start_run(params)
+    tracking.end_run()
+    MlflowClient().update_run(training, status="RUNNING")
+
+    runs, others, _ = tracking.finished_runs("busi")
+    assert [run.info.run_id for run in runs] == [evaluated] and others == 1

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from busi.model.checkpoint import load_checkpoint
@@ -62,6 +63,7 @@ def read_last(path):
         return None
 
 
+@pytest.mark.slow  # a whole process or training (tens of seconds)
 def test_killed_training_resumes_from_the_last_finished_epoch(processed, tmp_path, store):
     # With a moving average of the weights: its state is resumed too.
     (tmp_path / "params.yaml").write_text(json.dumps(tiny_params(epochs=6, ema=0.9).model_dump(mode="json")))
@@ -108,3 +110,60 @@ def test_the_epoch_line_says_what_it_shows():
     assert progress_line(row, 10, [20.0, 22.0, 24.0], best, "val_dice") == (
         "epoch 3/10  train: loss 1.2346 iou 0.369  val: loss 1.0861 iou 0.419 dice 0.591 acc 0.487  |  "
         "24 s (28.7 img/s), at most 2.6 min left  |  best val_dice 0.600 (epoch 2)")
+
+
+def start_training(tmp_path, processed, store, epochs: int):
+    (tmp_path / "params.yaml").write_text(json.dumps(tiny_params(epochs=epochs).model_dump(mode="json")))
+    command = [sys.executable, "-m", "busi", "train", "--data", str(processed), "--out", "models"]
+    env = run_env(MLFLOW_TRACKING_URI=store.tracking_uri)
+    return command, env, subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True)
+
+
+def signal_after_epoch(process, last_pt, signum, epoch: int = 2) -> dict:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = read_last(last_pt)
+        if state and state["epoch"] >= epoch:
+            process.send_signal(signum)
+            break
+        time.sleep(0.05)
+    output = process.communicate()[0]
+    return read_last(last_pt) | {"output": output}
+
+
+@pytest.mark.slow  # a whole process or training (tens of seconds)
+def test_sigterm_closes_the_run_as_killed_and_the_next_start_resumes_it(processed, tmp_path, store):
+    # A timeout or a cancelled CI job sends SIGTERM: the run must not stay RUNNING forever.
+    command, env, process = start_training(tmp_path, processed, store, epochs=30)
+    killed = signal_after_epoch(process, tmp_path / "models/last.pt", signal.SIGTERM)
+    assert process.returncode == 130 and "train: stopped (SIGTERM)" in killed["output"], killed["output"]
+    assert "Traceback" not in killed["output"]
+    assert store.get_run(killed["run_id"]).info.status == "KILLED"
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from epoch {killed['epoch']} of 30" in result.stdout
+    assert store.get_run(killed["run_id"]).info.status == "FINISHED"  # the same run, now done
+
+
+@pytest.mark.slow  # a whole process or training (tens of seconds)
+def test_the_state_outside_models_survives_its_replacement_as_dvc_exp_run_does_it(processed, tmp_path, store):
+    """`dvc exp run` checks out the baseline's models/ before it runs: models/last.pt is replaced (unlinked and
+    written anew). The unfinished state kept under .resume/ is what the next start resumes from."""
+    command, env, process = start_training(tmp_path, processed, store, epochs=30)
+    killed = signal_after_epoch(process, tmp_path / "models/last.pt", signal.SIGKILL)
+    slots = list((tmp_path / ".resume").glob("*.pt"))
+    kept = torch.load(slots[0], weights_only=True)
+    assert len(slots) == 1 and kept["epoch"] >= 2 and not kept["finished"]
+    finished_elsewhere = {**killed, "finished": True, "fingerprint": "another configuration"}
+    finished_elsewhere.pop("output")
+    (tmp_path / "models/last.pt").unlink()
+    torch.save(finished_elsewhere, tmp_path / "models/last.pt")
+
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from epoch {kept['epoch']} of 30 ({slots[0]})" in result.stdout
+    final = read_last(tmp_path / "models/last.pt")
+    assert final["finished"] and final["run_id"] == killed["run_id"] and len(final["history"]) == final["epoch"]
+    assert store.get_run(killed["run_id"]).info.status == "FINISHED"
+    assert not list((tmp_path / ".resume").glob("*.pt"))  # a finished training leaves nothing behind

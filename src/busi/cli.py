@@ -8,6 +8,7 @@ Run `busi <command> --help` for one command. `python -m busi` is the same progra
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -174,17 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    # SIGTERM (a timeout, a cancelled CI job, `dvc queue kill`) ends a command as Ctrl-C does: the MLflow run is
+    # closed as KILLED, an evaluation being logged leaves its training run FINISHED, temporary files go.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         params = load_params(args.params) if args.command in NEEDS_PARAMS else None  # validated before any work
         summary = run(args, params)
     except BusiError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        print(f"{args.command}: stopped ({err or 'interrupted'})", file=sys.stderr)
+        return 130
     except Exception:  # a bug or a library's failure: its traceback, without the tracking credentials
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return 1
     print(f"{args.command}: {summary} ({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def redact(text: str) -> str:

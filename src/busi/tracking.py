@@ -41,6 +41,7 @@ SERVING_PACKAGES = ("mlflow", "torch", "segmentation-models-pytorch", "timm", "p
                     "scikit-learn", "opencv-python-headless", "pillow", "safetensors")
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: what the experiment page opens on
 REPORT_TAG = "busi.report"  # on the run that holds the report's own files
+MODEL_URI_TAG = "busi.model_uri"  # set once an evaluation's model is completely logged
 SERVER_TIMEOUT_S = 5  # to connect to a tracking server
 MAX_RUNS = 50_000  # MLflow's largest page; a study has tens of runs
 
@@ -315,7 +316,7 @@ def log_evaluation(run_id: str, metrics: dict, val_metrics: dict, tables: dict[s
         for name, figure in figures.items():
             mlflow.log_figure(figure, name)
         model_uri = log_model(predictor_dir, serving)
-        mlflow.set_tag("busi.model_uri", model_uri)
+        mlflow.set_tag(MODEL_URI_TAG, model_uri)
     return model_uri
 
 
@@ -424,7 +425,9 @@ def finished_runs(experiment: str, where: str = "") -> tuple[list[Run], int, str
     except MlflowException as err:
         raise BusiError(f"--where {where!r}: not an MLflow search filter ({str(err).splitlines()[0]})") from None
     runs = [run for run in runs if REPORT_TAG not in run.data.tags]
-    finished = [run for run in runs if run.info.status == "FINISHED"]
+    # A run killed (SIGKILL) while a re-evaluation was added to it stays RUNNING, but keeps its last complete
+    # evaluation: the model URI tag is set only once a model is fully logged.
+    finished = [run for run in runs if run.info.status == "FINISHED" or MODEL_URI_TAG in run.data.tags]
     if not finished:
         raise BusiError(f"MLflow experiment {experiment!r} ({shown_uri(uri)}) has no finished runs"
                         + (f" matching {where!r}" if where else ": train a model first"))

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from functools import partial
@@ -69,18 +70,18 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
                                cfg.label_smoothing)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = params_fingerprint(params)
+    fingerprint, data = params_fingerprint(params), data_fingerprint(train_arrays, val_arrays)
+    slot = resume_slot(out_dir, fingerprint + data)
     history, best, run_id, start = [], None, None, 1
-    if (out_dir / "last.pt").exists():
-        state = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
-        if state["fingerprint"] == fingerprint and not state["finished"]:  # same run, killed mid-way: resume
-            model.load_state_dict(state["model"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history, best, run_id, start = state["history"], state["best"], state["run_id"], state["epoch"] + 1
-            print(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({out_dir / 'last.pt'})")
+    state = unfinished_state(fingerprint, data, [out_dir / "last.pt", slot], device)
+    if state is not None:  # the same configuration on the same data, killed mid-way: resume
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, run_id, start = state["history"], state["best"], state["run_id"], state["epoch"] + 1
+        print(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({state['path']})")
     run_id = tracking.start_run(params, run_id, parent_run_id, run_suffix)
 
     try:
@@ -119,7 +120,9 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
             finished = stop or epoch == cfg.epochs
             save_checkpoint(out_dir / "last.pt", model, network, epoch=epoch, optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
-                            fingerprint=fingerprint, finished=finished, **({"ema": ema.state_dict()} if ema else {}))
+                            fingerprint=fingerprint, data=data, finished=finished,
+                            **({"ema": ema.state_dict()} if ema else {}))
+            keep_for_resume(out_dir / "last.pt", slot, finished)
             seconds.append(time.perf_counter() - epoch_started)
             print(progress_line(row, cfg.epochs, seconds, best, cfg.monitor), flush=True)
             if stop:
@@ -132,7 +135,7 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         with atomic_file(metrics_path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tracking.log_curves(history)
-    except BaseException as err:  # a crash or Ctrl-C: the MLflow run says so instead of staying RUNNING
+    except BaseException as err:  # a crash, Ctrl-C or SIGTERM: the MLflow run says so instead of staying RUNNING
         tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     tracking.end_run()
@@ -281,6 +284,57 @@ def params_fingerprint(params: Params) -> str:
     # Parameters at their defaults are left out, so that adding an optional parameter keeps earlier fingerprints.
     relevant = params.model_dump(mode="json", include={"model", "augment", "train"}, exclude_defaults=True)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def data_fingerprint(*splits: dict) -> str:
+    """Identifies the training data (a changed split or image size is another training): a digest of the arrays."""
+    digest = hashlib.sha256()
+    for arrays in splits:
+        for key in sorted(arrays):
+            digest.update(key.encode() + str(arrays[key].shape).encode() + np.ascontiguousarray(arrays[key]).data)
+    return digest.hexdigest()[:16]
+
+
+# Where an unfinished training's state is also kept: outside DVC's outputs, because `dvc exp run` checks out the
+# baseline's models/ from the cache before it runs, which replaces models/last.pt. One file per output folder and
+# configuration (parallel experiments do not share one), removed when the training finishes.
+RESUME_DIR = ".resume"
+
+
+def resume_slot(out_dir: Path, fingerprint: str) -> Path:
+    root = tracking.project_root()
+    out = Path(out_dir).resolve()
+    where = out.relative_to(Path.cwd().resolve()) if out.is_relative_to(Path.cwd().resolve()) else out
+    name = hashlib.sha256(f"{where}|{fingerprint}".encode()).hexdigest()[:20]
+    return root / RESUME_DIR / f"{name}.pt"
+
+
+def keep_for_resume(last: Path, slot: Path, finished: bool) -> None:
+    """A hard link to last.pt (no copy: the same file) while the training is unfinished, gone once it is done.
+    DVC replaces files by unlinking them, so the link keeps the state whatever happens to models/."""
+    if finished:
+        slot.unlink(missing_ok=True)
+        return
+    slot.parent.mkdir(parents=True, exist_ok=True)
+    tmp = slot.with_name(f".{slot.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(last, tmp)
+    except OSError:  # a file system without hard links: a copy
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, slot)  # atomic: a kill at any moment leaves the previous epoch's state or this one
+
+
+def unfinished_state(fingerprint: str, data: str, paths: list[Path], device: torch.device) -> dict | None:
+    """The first of `paths` that holds an unfinished training of these params on this data, loaded (with its
+    "path")."""
+    for path in paths:
+        if not Path(path).is_file():
+            continue
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state.get("fingerprint") == fingerprint and state.get("data") == data and not state.get("finished"):
+            return state | {"path": str(path)}
+    return None
 
 
 def is_trained(out_dir: Path, params: Params) -> bool:
