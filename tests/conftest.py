@@ -3,6 +3,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -211,6 +212,48 @@ def wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float 
             if server.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{url} did not come up: {log.read_text(errors='replace')[-3000:]}") from None
             time.sleep(1)
+
+
+def as_postgres(*command: str) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run its tools as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL 15 cluster on a loopback port: its URI."""
+    if not shutil.which("initdb") or not shutil.which("pg_ctl"):
+        pytest.skip("PostgreSQL's initdb/pg_ctl not found (Debian: apt install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="busi-pg-"))  # not under pytest's root-only folder: postgres reads it
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data = folder / "data"
+    sh(*as_postgres("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"), cwd=folder)
+    sh(*as_postgres("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"), "start", cwd=folder)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(as_postgres("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"), capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres, tmp_path_factory):
+    """`mlflow server` as docs/team.md starts it: PostgreSQL backend store, artifacts proxied from a folder."""
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    port = free_port()
+    log = artifacts.parent / "mlflow-server.log"
+    server = start_server([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
+                           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+                           "--workers", "1"], log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/health", server, log)
+        yield url, postgres, artifacts
+    finally:
+        stop_server(server)
 
 
 SLOW_LEFT_OUT = []

@@ -2,6 +2,7 @@
 post-processing decided on the out-of-fold predictions, the fold ensemble one predictor scored on test."""
 
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -10,11 +11,12 @@ import pytest
 
 from busi import BusiError
 from busi.commands.report import report
+from busi.config import load_grid
 from busi.data.arrays import load_split
 from busi.model.predictor import Predictor, load_predictor
 from busi.stages.cross_validate import cross_validate
 from busi.stages.train import thread_count
-from conftest import tiny_params
+from conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,3 +92,19 @@ def test_threads_follow_omp_num_threads_else_the_cpu_affinity(monkeypatch):
     assert thread_count() == len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert thread_count() == len(os.sched_getaffinity(0))
+
+
+def test_a_grid_file_is_checked_before_anything_runs(tmp_path):
+    params = tiny_params()
+    cases = {"vgg: {model.encodr: vgg16}": "grid.yaml: vgg: model.encodr: no such parameter",
+             "vgg: {train.lr: abc}": "grid.yaml: vgg: train.lr: ",
+             "Bad Name: {}": "grid.yaml: 'Bad Name': a name is lower-case",
+             "[1, 2]": "grid.yaml: a grid is a mapping"}
+    for text, message in cases.items():
+        (tmp_path / "grid.yaml").write_text(text)
+        with pytest.raises(BusiError, match=re.escape(message)):
+            load_grid(tmp_path / "grid.yaml", params)
+    (tmp_path / "grid.yaml").write_text((REPO / "cv/study.yaml").read_text())
+    study = load_grid(tmp_path / "grid.yaml", params)
+    assert list(study) == ["vgg16", "vgg19", "resnet50", "resnet50-plain", "dpn68", "resnet18"]
+    assert study["resnet50-plain"].model.attention is None and study["vgg19"].train == params.train

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from busi import BusiError
-from busi.config import load_params
+from busi.config import load_grid, load_params
 
 # Commands that read params.yaml; the others run from any directory without one.
 # source runs first on every `dvc repro` (always_changed): validating the whole file there stops a mistyped or
@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
     cmd.add_argument("--out", type=Path, default=Path("cv/results"),
                      help="folds/ (checkpoints), predictor/ (the fold ensemble), cv.json, test.json, per_image.csv")
+    cmd.add_argument("--grid", type=Path,
+                     help="a grid file (cv/study.yaml: name -> parameter changes): every configuration's folds at "
+                     "once, each in <out>/<name>; on Ray when RAY_ADDRESS is set (docs/team.md)")
+    cmd.add_argument("--cpus-per-fold", type=float, default=1, help="on Ray: the CPU threads a fold asks for")
+    cmd.add_argument("--gpus-per-fold", type=float, default=0,
+                     help="on Ray: the share of a GPU a fold asks for (0.25: four folds share one GPU)")
 
     cmd = command("predict", "masks, overlays, labels and class probabilities for your own images",
                   "Applies a predictor (the network(s) and the post-processing chosen on validation) to PNG or\n"
@@ -249,7 +255,12 @@ def run(args: argparse.Namespace, params) -> str:
     if args.command == "cross-validate":
         from busi.stages.cross_validate import cross_validate
 
-        result = cross_validate(args.data, args.splits, args.masks, params, args.out)
+        grid = load_grid(args.grid, params) if args.grid else None
+        result = cross_validate(args.data, args.splits, args.masks, params, args.out, grid, args.cpus_per_fold,
+                                args.gpus_per_fold)
+        if grid:
+            return "; ".join(f"{name}: validation dice {r['mean']['dice']:.3f}, ensemble test dice "
+                             f"{r['test']['dice']:.3f} (MLflow run {r['run_id']})" for name, r in result.items())
         folds = ", ".join(f"{k} {result['mean'][k]:.3f} ± {result['sd'][k]:.3f}" for k in ("dice", "f1_weighted"))
         return (f"{result['folds']} folds, validation {folds}; ensemble test dice {result['test']['dice']:.3f}, "
                 f"f1_weighted {result['test']['f1_weighted']:.3f}; MLflow run {result['run_id']}")

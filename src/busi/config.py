@@ -212,3 +212,41 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
         msg = first["msg"].removeprefix("Value error, ")
         raise BusiError(f"{path}: {where}: {msg} (got {first['input']!r})") from None
+
+
+def load_grid(path: Path | str, base: Params) -> dict[str, Params]:
+    """A grid file (cv/study.yaml): {name: {dotted.param: value, ...}}, each configuration `base` with those
+    changes, validated as params.yaml is; any problem is one BusiError line naming the file, row and parameter."""
+    path = Path(path)
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise BusiError(f"{path}: cannot read the grid ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(grid, dict) or not grid:
+        raise BusiError(f"{path}: a grid is a mapping of names to parameter changes, e.g. vgg16: "
+                        "{model.encoder: vgg16}")
+    configs = {}
+    for name, changes in grid.items():
+        if not isinstance(name, str) or not NAME.match(name):
+            raise BusiError(f"{path}: {name!r}: a name is lower-case letters, digits, - and _ (at most 40)")
+        if not isinstance(changes, dict):
+            raise BusiError(f"{path}: {name}: expected a mapping of parameters to values, got {changes!r}")
+        tree = base.model_dump(mode="json")
+        for key, value in changes.items():
+            *sections, leaf = str(key).split(".")
+            node = tree
+            for section in sections:
+                if not isinstance(node.get(section), dict):
+                    raise BusiError(f"{path}: {name}: {key}: no such parameter")
+                node = node[section]
+            if leaf not in node:
+                raise BusiError(f"{path}: {name}: {key}: no such parameter")
+            node[leaf] = value
+        try:
+            configs[name] = Params.model_validate(tree)
+        except ValidationError as err:
+            first = err.errors()[0]
+            msg = first["msg"].removeprefix("Value error, ")
+            raise BusiError(f"{path}: {name}: {'.'.join(map(str, first['loc']))}: {msg} "
+                            f"(got {first['input']!r})") from None
+    return configs

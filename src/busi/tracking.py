@@ -102,16 +102,28 @@ def shown_uri(uri: str) -> str:
     return parts._replace(netloc=netloc, query="***" if parts.query else "").geturl()
 
 
-def start_run(params: Params, run_id: str | None = None, parent_run_id: str | None = None, suffix: str = "") -> str:
+def start_run(params: Params, run_id: str | None = None, parent_run_id: str | None = None, suffix: str = "",
+              tags: dict | None = None) -> str:
     """Start a run (a child of `parent_run_id`, a fold of a cross-validation, when given), or resume `run_id`
-    (a training restarted after a kill continues its own run)."""
+    (a training restarted after a kill continues its own run); `tags` (where it runs) are set either way."""
     open_store()
     if run_id:
-        return mlflow.start_run(run_id=run_id).info.run_id
-    name, tags = run_name_and_tags(params, suffix)
+        run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(tags or {})
+        return run.info.run_id
+    name, run_tags = run_name_and_tags(params, suffix)
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(run_name=name, tags=tags)
+        run_tags["mlflow.parentRunId"] = parent_run_id
+        # A fold started over (its worker died on another node, which kept no checkpoint) goes on in its own run.
+        client = mlflow.MlflowClient()
+        unfinished = client.search_runs([client.get_run(parent_run_id).info.experiment_id], max_results=1,
+                                        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                        f"attributes.run_name = '{name}' and attributes.status != 'FINISHED'")
+        if unfinished:
+            run = mlflow.start_run(run_id=unfinished[0].info.run_id)
+            mlflow.set_tags(tags or {})
+            return run.info.run_id
+    run = mlflow.start_run(run_name=name, tags=run_tags | (tags or {}))
     mlflow.log_params(flatten(params.model_dump(mode="json")))
     return run.info.run_id
 
@@ -131,6 +143,10 @@ def start_parent_run(params: Params, suffix: str) -> str:
 
 def end_parent_run(run_id: str, status: str) -> None:
     mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+def run_status(run_id: str) -> str:
+    return mlflow.MlflowClient().get_run(run_id).info.status
 
 
 def run_name_and_tags(params: Params, suffix: str) -> tuple[str, dict]:

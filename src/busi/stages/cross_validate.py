@@ -2,7 +2,8 @@
 every fold of train+val, and its fold ensemble scored once on the test split, as nnU-Net reports a model.
 
 1. For each fold of data/splits.csv (group-aware, stratified: copies of a scan never straddle two folds), train
-   on the other folds and validate on it (busi.stages.train, unchanged: each fold is an MLflow child run).
+   on the other folds and validate on it (busi.stages.train, unchanged: each fold is an MLflow child run), here
+   or as Ray tasks (busi.distributed); a grid file trains several configurations' folds at once.
 2. Predict every train+val image with the network that did not see it: the out-of-fold (OOF) predictions.
    The post-processing is decided on them (busi.evaluation.postprocessing.decide), as evaluate decides it on the
    validation split; each fold's metrics under it give the mean ± sd.
@@ -12,7 +13,6 @@ every fold of train+val, and its fold ensemble scored once on the test split, as
 """
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,83 +23,103 @@ import torch
 from busi import BusiError, tracking
 from busi.config import Params
 from busi.data.arrays import load_split, read_references
+from busi.distributed import FoldJob, on_ray, run_folds
 from busi.evaluation import figures, postprocessing
 from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci, lookup, summary
 from busi.files import atomic_file
 from busi.model import serving
 from busi.model.predictor import Predictor
-from busi.stages.train import is_trained, train
+from busi.stages.train import is_trained
 
 FOLD_METRICS = ("dice", "iou", "dice_per_image", "f1_weighted", "accuracy")  # mean ± sd over the folds
 
 
-def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Params, out_dir: Path) -> dict:
+def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Params, out_dir: Path,
+                   grid: dict[str, Params] | None = None, cpus: float = 1, gpus: float = 0) -> dict:
     """Train every fold, decide the post-processing on the OOF predictions, write and score the fold ensemble;
-    returns the summary written to `<out_dir>/cv.json`."""
+    returns the summary written to `<out_dir>/cv.json`. With a `grid` ({name: params}), every configuration's
+    folds train at once (on Ray, busi.distributed, when RAY_ADDRESS is set), each configuration in
+    `<out_dir>/<name>`; returns {name: summary}."""
     started = time.perf_counter()
+    configs = grid or {"": params}
     pool = concatenate(load_split(data_dir, "train"), load_split(data_dir, "val"))
     test = load_split(data_dir, "test")
     fold_of = folds_of(pool["ids"], splits_csv)
     folds = sorted(set(fold_of.tolist()))
     if len(folds) < 2:
         raise BusiError(f"{splits_csv}: train+val holds {len(folds)} fold(s); cross-validation needs at least 2")
-    out_dir = Path(out_dir)
-    parent = tracking.start_parent_run(params, suffix=f"-cv{len(folds)}")
+    parents = {name: tracking.start_parent_run(config, suffix=f"-cv{len(folds)}{f'-{name}' if name else ''}")
+               for name, config in configs.items()}
     try:
-        networks, configs, oof = [], [], {flip: [None] * len(folds) for flip in (False, True)}
-        for i, fold in enumerate(folds):
-            held = fold_of == fold
-            print(f"cross-validate: fold {fold} ({held.sum()} held out, {(~held).sum()} to train)", flush=True)
-            fold_dir = out_dir / "folds" / f"fold-{fold}"
-            if is_trained(fold_dir, params):  # a re-run (after a kill, or to rescore) keeps the finished folds
-                print(f"cross-validate: fold {fold} already trained with these params ({fold_dir})", flush=True)
-            else:
-                with tempfile.TemporaryDirectory(prefix="busi-fold-") as tmp:
-                    np.savez(Path(tmp) / "train.npz", **subset(pool, ~held))
-                    np.savez(Path(tmp) / "val.npz", **subset(pool, held))
-                    train(Path(tmp), params, fold_dir, fold_dir / "train.json", fold_dir / "history.csv",
-                          parent_run_id=parent, run_suffix=f"-fold{fold}")
-            fold_predictor = Predictor.from_checkpoints([fold_dir / "best.pt"])
-            fold_predictor.to("cuda" if torch.cuda.is_available() else "cpu")
-            for flip in (False, True):
-                oof[flip][i] = fold_predictor.probabilities(pool["images"][held], flip=flip)
-            networks += fold_predictor.networks
-            configs += fold_predictor.configs
-
-        order = np.concatenate([np.flatnonzero(fold_of == fold) for fold in folds])  # OOF rows are in fold order
-        pool = subset(pool, order)
-        fold_of = fold_of[order]
-        stacked = {flip: tuple(np.concatenate(part) for part in zip(*oof[flip], strict=True)) for flip in oof}
-        references = read_references(masks_dir, pool)
-        chosen, decisions = postprocessing.decide(lambda flip: stacked[flip], pool, references, params.evaluate)
-        print(f"cross-validate: chosen on the out-of-fold predictions: {chosen.describe()}", flush=True)
-        oof_metrics, oof_cases, _ = postprocessing.score(chosen, *stacked[chosen.flip_tta], pool, references)
-        per_fold = [fold_metrics(oof_cases, stacked[chosen.flip_tta][1], fold_of == fold) for fold in folds]
-
-        ensemble = Predictor(networks, configs, chosen, {"mlflow_run_id": parent, "folds": folds,
-                                                         "checkpoints": [f"folds/fold-{f}/best.pt" for f in folds]})
-        print(f"cross-validate: scoring the {len(folds)}-fold ensemble on {len(test['labels'])} test images",
-              flush=True)
-        test_references = read_references(masks_dir, test)
-        metrics, cases, masks = postprocessing.score(chosen, *ensemble.probabilities(test["images"]), test,
-                                                     test_references)
-        metrics |= {"ci95": bootstrap_ci(cases, params.evaluate.bootstrap, params.evaluate.seed),
-                    "postprocessing": chosen.to_dict() | decisions}
-        result = {"folds": len(folds), "minutes": round((time.perf_counter() - started) / 60, 2),
-                   "mean": {name: float(np.nanmean([f.get(name, np.nan) for f in per_fold])) for name in FOLD_METRICS},
-                   "sd": {name: float(np.nanstd([f.get(name, np.nan) for f in per_fold], ddof=1))
-                          for name in FOLD_METRICS},
-                   "per_fold": dict(zip(map(str, folds), per_fold, strict=True)), "oof": oof_metrics}
-        write_outputs(out_dir, ensemble, result, metrics, cases, oof_cases)
-        drawn = {"figure2_contours.png": figures.cases_figure(cases, test, test_references, masks,
-                                                              params.evaluate.figure_cases)}
-        tables = {"test_per_image.json": cases[CASE_COLUMNS], "oof_per_image.json": oof_cases[CASE_COLUMNS]}
-        model_uri = tracking.log_evaluation(parent, metrics, oof_metrics, tables, drawn, out_dir / "predictor",
-                                            serving, cv=result)
+        jobs = []
+        for name, config in configs.items():
+            for fold in folds:
+                fold_dir = Path(out_dir) / name / "folds" / f"fold-{fold}"
+                if is_trained(fold_dir, config):  # a re-run (after a kill, or to rescore) keeps the finished folds
+                    print(f"cross-validate: {name or 'fold'} {fold} already trained with these params ({fold_dir})")
+                else:
+                    jobs.append(FoldJob(config, fold, fold_of != fold, parents[name], f"-fold{fold}", fold_dir))
+        where = "as Ray tasks" if on_ray() else "here, one after the other"
+        print(f"cross-validate: {len(jobs)} folds to train ({len(configs)} configuration(s) x {len(folds)} folds) "
+              f"{where}", flush=True)
+        run_folds(jobs, pool, cpus, gpus)
+        results = {name: score_folds(pool, fold_of, folds, test, masks_dir, config, Path(out_dir) / name,
+                                     parents[name], started)
+                   for name, config in configs.items()}
     except BaseException as err:
-        tracking.end_parent_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        for parent in parents.values():
+            if tracking.run_status(parent) == "RUNNING":
+                tracking.end_parent_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+    return results if grid else results[""]
+
+
+def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, masks_dir: Path, params: Params,
+                out_dir: Path, parent: str, started: float) -> dict:
+    """The OOF predictions of one configuration's trained folds, the post-processing decided on them, the fold
+    ensemble scored on test; everything written to `out_dir` and logged to the `parent` run."""
+    networks, configs, oof = [], [], {flip: [] for flip in (False, True)}
+    for fold in folds:
+        held = fold_of == fold
+        fold_predictor = Predictor.from_checkpoints([out_dir / "folds" / f"fold-{fold}" / "best.pt"])
+        fold_predictor.to("cuda" if torch.cuda.is_available() else "cpu")
+        for flip in (False, True):
+            oof[flip].append(fold_predictor.probabilities(pool["images"][held], flip=flip))
+        networks += fold_predictor.networks
+        configs += fold_predictor.configs
+
+    order = np.concatenate([np.flatnonzero(fold_of == fold) for fold in folds])  # OOF rows are in fold order
+    pool = subset(pool, order)
+    fold_of = fold_of[order]
+    stacked = {flip: tuple(np.concatenate(part) for part in zip(*oof[flip], strict=True)) for flip in oof}
+    references = read_references(masks_dir, pool)
+    chosen, decisions = postprocessing.decide(lambda flip: stacked[flip], pool, references, params.evaluate)
+    print(f"cross-validate: chosen on the out-of-fold predictions: {chosen.describe()}", flush=True)
+    oof_metrics, oof_cases, _ = postprocessing.score(chosen, *stacked[chosen.flip_tta], pool, references)
+    per_fold = [fold_metrics(oof_cases, stacked[chosen.flip_tta][1], fold_of == fold) for fold in folds]
+
+    ensemble = Predictor(networks, configs, chosen, {"mlflow_run_id": parent, "folds": folds,
+                                                     "checkpoints": [f"folds/fold-{f}/best.pt" for f in folds]})
+    print(f"cross-validate: scoring the {len(folds)}-fold ensemble on {len(test['labels'])} test images",
+          flush=True)
+    test_references = read_references(masks_dir, test)
+    metrics, cases, masks = postprocessing.score(chosen, *ensemble.probabilities(test["images"]), test,
+                                                 test_references)
+    metrics |= {"ci95": bootstrap_ci(cases, params.evaluate.bootstrap, params.evaluate.seed),
+                "postprocessing": chosen.to_dict() | decisions}
+    result = {"folds": len(folds), "minutes": round((time.perf_counter() - started) / 60, 2),
+               "mean": {name: float(np.nanmean([f.get(name, np.nan) for f in per_fold])) for name in FOLD_METRICS},
+               "sd": {name: float(np.nanstd([f.get(name, np.nan) for f in per_fold], ddof=1))
+                      for name in FOLD_METRICS},
+               "per_fold": dict(zip(map(str, folds), per_fold, strict=True)), "oof": oof_metrics}
+    write_outputs(out_dir, ensemble, result, metrics, cases, oof_cases)
+    drawn = {"figure2_contours.png": figures.cases_figure(cases, test, test_references, masks,
+                                                          params.evaluate.figure_cases)}
+    tables = {"test_per_image.json": cases[CASE_COLUMNS], "oof_per_image.json": oof_cases[CASE_COLUMNS]}
+    model_uri = tracking.log_evaluation(parent, metrics, oof_metrics, tables, drawn, out_dir / "predictor",
+                                        serving, cv=result)
     return result | {"test": metrics, "run_id": parent, "model_uri": model_uri}
+
 
 
 def folds_of(ids: np.ndarray, splits_csv: Path) -> np.ndarray:

@@ -34,9 +34,10 @@ MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy, F1, score)
 
 
 def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path, history_path: Path,
-          parent_run_id: str | None = None, run_suffix: str = "") -> dict:
+          parent_run_id: str | None = None, run_suffix: str = "", tags: dict | None = None) -> dict:
     """Train, write best.pt/last.pt in out_dir, the per-epoch history CSV and the summary JSON; returns it.
-    A fold of a cross-validation is an MLflow child of `parent_run_id`, its run name ending in `run_suffix`."""
+    A fold of a cross-validation is an MLflow child of `parent_run_id`, its run name ending in `run_suffix`;
+    `tags`: more MLflow tags (where it ran)."""
     cfg = params.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(thread_count())
@@ -82,7 +83,7 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         scheduler.load_state_dict(state["scheduler"])
         history, best, run_id, start = state["history"], state["best"], state["run_id"], state["epoch"] + 1
         print(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({state['path']})")
-    run_id = tracking.start_run(params, run_id, parent_run_id, run_suffix)
+    run_id = tracking.start_run(params, run_id, parent_run_id, run_suffix, tags)
 
     try:
         augment = train_transform(params.augment, cfg.seed)
@@ -130,8 +131,9 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
                 break
 
         write_history(history, history_path)
-        summary = {"run_id": run_id, "best_epoch": best["epoch"], "epochs_run": len(history),
-                   "monitor": cfg.monitor, "best": {k: v for k, v in best.items() if k.startswith("val_")}}
+        summary = {"run_id": run_id, "fingerprint": fingerprint, "best_epoch": best["epoch"],
+                   "epochs_run": len(history), "monitor": cfg.monitor,
+                   "best": {k: v for k, v in best.items() if k.startswith("val_")}}
         with atomic_file(metrics_path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tracking.log_curves(history)
@@ -338,12 +340,13 @@ def unfinished_state(fingerprint: str, data: str, paths: list[Path], device: tor
 
 
 def is_trained(out_dir: Path, params: Params) -> bool:
-    """Whether `out_dir` holds a finished training of exactly these params (best.pt beside a finished last.pt)."""
-    last = Path(out_dir) / "last.pt"
-    if not last.is_file() or not (Path(out_dir) / "best.pt").is_file():
+    """Whether `out_dir` holds a finished training of exactly these params: best.pt beside the summary train()
+    writes when it finishes, which names the params' fingerprint."""
+    try:
+        summary = json.loads((Path(out_dir) / "train.json").read_text())
+    except (OSError, ValueError):
         return False
-    state = torch.load(last, map_location="cpu", weights_only=True)
-    return state.get("finished", False) and state.get("fingerprint") == params_fingerprint(params)
+    return (Path(out_dir) / "best.pt").is_file() and summary.get("fingerprint") == params_fingerprint(params)
 
 
 def write_history(history: list[dict], path: Path) -> None:
