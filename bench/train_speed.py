@@ -1,5 +1,5 @@
 """Benchmark: training images/s per encoder at 224 px, bf16 against fp32, and the ratio of the project's
-training step (busi.stages.train.run_epoch: augmentation, data loader, loss, metrics) to a bare PyTorch loop over
+training step (busi.training.run_epoch: augmentation, data loader, loss, metrics) to a bare PyTorch loop over
 the same model and batches.
 
     python bench/train_speed.py [--encoders vgg16 vgg19 resnet50 dpn68] [--size 224] [--batches 3]
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from busi.config import load_params  # noqa: E402
 from busi.data.arrays import SegmentationDataset, train_transform  # noqa: E402
 from busi.model.network import build_model  # noqa: E402
-from busi.stages.train import SegmentationLoss, run_epoch  # noqa: E402
+from busi.training import SegmentationLoss, run_epoch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

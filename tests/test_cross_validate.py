@@ -15,7 +15,7 @@ from busi.config import load_grid
 from busi.data.arrays import load_split
 from busi.model.predictor import Predictor, load_predictor
 from busi.stages.cross_validate import cross_validate
-from busi.stages.train import thread_count
+from busi.training import thread_count
 from conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -87,3 +87,16 @@ def test_the_import_walk_follows_imports_inside_functions_and_packages():
     assert {"busi/__init__.py", "busi/tracking.py", "busi/evaluation/metrics.py", "busi/model/serving.py",
             "busi/model/checkpoint.py", "busi/data/arrays.py"} <= found  # serving: imported inside log_model
     assert "busi/stages/train.py" not in found
+
+
+def test_stages_stand_alone_and_inference_does_not_import_evaluation():
+    """A stage imports the library, never another stage or a command (each such import widens its dvc.yaml
+    deps); inference (busi.model) applies the post-processing without the code that decides it."""
+    for module in sorted((SRC / "busi" / "stages").glob("*.py")):
+        found = {str(p.relative_to(SRC)) for p in imported_files(module)} - {str(module.relative_to(SRC))}
+        leaning = sorted(p for p in found if p.startswith(("busi/stages/", "busi/commands/"))
+                         and not p.endswith("__init__.py"))
+        assert not leaning, f"{module.name} imports {leaning}"
+    for module in sorted((SRC / "busi" / "model").glob("*.py")):
+        found = {str(p.relative_to(SRC)) for p in imported_files(module)}
+        assert not [p for p in found if p.startswith("busi/evaluation/")], f"{module.name} imports evaluation"

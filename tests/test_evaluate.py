@@ -29,10 +29,11 @@ from busi.evaluation.metrics import (
     per_class_metrics,
     segmentation_metrics,
 )
-from busi.evaluation.postprocessing import PostProcessing, decide, score
+from busi.evaluation.postprocessing import decide, score
+from busi.model.postprocessing import PostProcessing
 from busi.model.predictor import Predictor
 from busi.stages.evaluate import evaluate
-from busi.stages.train import train
+from busi.training import train
 from conftest import run_env, tiny_params
 
 CI_METRICS = [metric.key for metric in METRICS if metric.interval]

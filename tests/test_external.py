@@ -19,7 +19,7 @@ from busi.cli import main
 from busi.config import DatasetParams, load_params
 from busi.data.cases import find_root, read_case, scan
 from busi.evaluation.metrics import malignant_vs_benign
-from busi.evaluation.postprocessing import PostProcessing
+from busi.model.postprocessing import PostProcessing
 from busi.model.predictor import Predictor
 from busi.stages.fetch import fetch
 from busi.stages.split import split

@@ -162,11 +162,11 @@ def test_a_mask_that_is_not_0_255_is_thresholded_at_its_midpoint_with_a_warning(
 
 def test_zip_bombs_are_refused_by_member_count_and_unpacked_size(project, busi_zip, monkeypatch):
     monkeypatch.setenv("BUSI_ARCHIVE", str(busi_zip))
-    monkeypatch.setattr("busi.stages.fetch.MAX_MEMBERS", 10)
+    monkeypatch.setattr("busi.data.archive.MAX_MEMBERS", 10)
     with pytest.raises(BusiError, match=r"members, more than the limit of 10"):
         fetch(project / "data/raw")
-    monkeypatch.setattr("busi.stages.fetch.MAX_MEMBERS", 20_000)
-    monkeypatch.setattr("busi.stages.fetch.MAX_UNPACKED_BYTES", 2**16)
+    monkeypatch.setattr("busi.data.archive.MAX_MEMBERS", 20_000)
+    monkeypatch.setattr("busi.data.archive.MAX_UNPACKED_BYTES", 2**16)
     with pytest.raises(BusiError, match=r"unpacks to [\d.]+ MiB, more than the limit of 0.1 MiB"):
         fetch(project / "data/raw")
     assert not (project / "data/raw").exists()

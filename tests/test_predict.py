@@ -17,9 +17,9 @@ from PIL import Image
 from busi import CLASSES, BusiError, tracking
 from busi.commands.predict import predict, read_image
 from busi.config import load_params
-from busi.evaluation.postprocessing import PostProcessing
 from busi.model import serving
 from busi.model.checkpoint import load_checkpoint, save_checkpoint
+from busi.model.postprocessing import PostProcessing
 from busi.model.predictor import Predictor
 from conftest import PARAMS_FILE, REPO, run_env, untrained_network
 from synthetic import speckle

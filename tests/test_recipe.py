@@ -9,9 +9,10 @@ import torch
 from busi.config import EvaluateParams
 from busi.data.arrays import SegmentationDataset
 from busi.evaluation.metrics import case_table, expected_calibration_error, summary
-from busi.evaluation.postprocessing import PostProcessing, decide, fit_temperature
+from busi.evaluation.postprocessing import decide, fit_temperature
 from busi.model.network import LesionHead, build_model
-from busi.stages.train import f1_weighted, loader
+from busi.model.postprocessing import PostProcessing
+from busi.training import f1_weighted, loader
 from conftest import tiny_params
 
 

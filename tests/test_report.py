@@ -15,7 +15,7 @@ from PIL import Image
 from busi import BusiError, tracking
 from busi.cli import build_parser
 from busi.commands.report import plot_curves, read_curves, report
-from busi.stages.train import train
+from busi.training import train
 from conftest import PARAMS_FILE, SIZE, run_env, tiny_params
 
 # What the evaluate stage logs into the training run (metrics/test.json, named by busi.tracking), for two runs.

@@ -21,8 +21,8 @@ from PIL import Image
 
 from busi import CLASSES, tracking
 from busi.config import load_params
-from busi.evaluation.postprocessing import PostProcessing
 from busi.model import serving
+from busi.model.postprocessing import PostProcessing
 from busi.model.predictor import Predictor, load_predictor
 from conftest import PARAMS_FILE, REPO, free_port, start_server, stop_server, untrained_network, wait_until_up
 from synthetic import speckle

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from busi.model.checkpoint import load_checkpoint
-from busi.stages.train import progress_line, train
+from busi.training import progress_line, train
 from conftest import SIZE, run_env, tiny_params
 
 

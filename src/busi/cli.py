@@ -247,11 +247,9 @@ def run(args: argparse.Namespace, params) -> str:
         counts = preprocess(args.raw, args.masks, args.splits, params.preprocess.image_size, args.out)
         return ", ".join(f"{s} {n}" for s, n in counts.items()) + f" at {params.preprocess.image_size} px"
     if args.command == "train":
-        from busi.stages.train import train
+        from busi.stages import train
 
-        summary = train(args.data, params, args.out, args.metrics, args.history)
-        best = ", ".join(f"{k} {v:.3f}" for k, v in summary["best"].items())
-        return f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {best}; MLflow run {summary['run_id']}"
+        return train.run(args.data, params, args.out, args.metrics, args.history)
     if args.command == "cross-validate":
         from busi.stages.cross_validate import cross_validate
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from busi.config import Params
 from busi.files import atomic_file
-from busi.stages.train import train
+from busi.training import train
 
 MAX_RETRIES = 3  # a worker process or node that dies: Ray runs the task again
 FOLD_FILES = ("best.pt", "train.json", "history.csv")  # what a fold hands back to the driver

@@ -15,7 +15,8 @@ import torch
 from busi import BusiError
 from busi.data.arrays import load_split, read_references
 from busi.evaluation.metrics import METRICS, lookup
-from busi.evaluation.postprocessing import PostProcessing, score
+from busi.evaluation.postprocessing import score
+from busi.model.postprocessing import PostProcessing
 from busi.model.predictor import Predictor
 
 STEPS = [  # (name, the step it switches on), added in turn

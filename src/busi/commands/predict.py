@@ -16,10 +16,8 @@ import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlparse
 
 import cv2
 import numpy as np
@@ -28,7 +26,7 @@ from PIL import Image
 from busi import CLASSES, BusiError
 from busi.data.busi_layout import read_gray
 from busi.files import atomic_file
-from busi.model.predictor import Prediction, Predictor, load_predictor
+from busi.model.predictor import Prediction, load_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GROUND_TRUTH = re.compile(r"_mask(_\d+)?$")  # BUSI's mask files sit beside its images: not inputs
@@ -68,20 +66,6 @@ def predict(inputs: list[Path], model: str, out_dir: Path, overrides: dict | Non
             lines.write(json.dumps({"path": str(path), **record}) + "\n")
             done += 1
     return done, failed, applied
-
-
-def load_model(model: str) -> Predictor:
-    """A predictor folder, a checkpoint folder/file, or an MLflow model URI."""
-    if Path(model).exists():
-        return load_predictor(Path(model))
-    if urlparse(model).scheme:  # models:/..., runs:/..., or any other MLflow artifact URI
-        from busi import tracking  # slow to import: only when a URI is given
-
-        with tempfile.TemporaryDirectory(prefix="busi-model-") as tmp:
-            return load_predictor(tracking.download_predictor(model, Path(tmp)))
-    raise BusiError(f"{model}: no such predictor or checkpoint in {Path.cwd()} (the evaluate stage writes "
-                    "predictor/ at the repository root: run from there or give its path), nor an MLflow model URI "
-                    "such as models:/...")
 
 
 def find_images(inputs: list[Path], out_dir: Path) -> list[Path]:

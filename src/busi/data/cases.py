@@ -18,6 +18,7 @@ from busi.data import busi_layout, folders_layout
 from busi.data.busi_layout import Case, binarize_mask, mask_levels, read_gray
 
 INDEX = "cases.csv"
+MANIFEST = "manifest.csv"  # every file fetch wrote, with its size and hash
 FOLDER = {"busi": busi_layout.DATASET_DIR, "folders": "dataset"}  # where fetch puts the data inside data/raw
 
 

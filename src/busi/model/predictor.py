@@ -13,8 +13,10 @@ does), predicted, and its lesion probability mapped back to the image's own size
 """
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import cv2
 import numpy as np
@@ -25,9 +27,9 @@ from torch import nn
 
 from busi import CLASSES, BusiError
 from busi.config import NetworkConfig
-from busi.evaluation.postprocessing import PostProcessing
 from busi.files import atomic_dir
 from busi.model.checkpoint import load_checkpoint, load_network
+from busi.model.postprocessing import PostProcessing
 
 MANIFEST = "predictor.json"
 FORMAT_VERSION = 1
@@ -172,3 +174,17 @@ def load_predictor(path: Path) -> Predictor:
             raise BusiError(f"{file}: the weights hold NaN or infinite values")
         networks.append(load_network(config, state, file))
     return Predictor(networks, configs, postprocessing, manifest.get("provenance", {}))
+
+
+def load_model(model: str) -> Predictor:
+    """A predictor folder, a checkpoint folder/file, or an MLflow model URI."""
+    if Path(model).exists():
+        return load_predictor(Path(model))
+    if urlparse(model).scheme:  # models:/..., runs:/..., or any other MLflow artifact URI
+        from busi import tracking  # slow to import: only when a URI is given
+
+        with tempfile.TemporaryDirectory(prefix="busi-model-") as tmp:
+            return load_predictor(tracking.download_predictor(model, Path(tmp)))
+    raise BusiError(f"{model}: no such predictor or checkpoint in {Path.cwd()} (the evaluate stage writes "
+                    "predictor/ at the repository root: run from there or give its path), nor an MLflow model URI "
+                    "such as models:/...")

@@ -2,7 +2,7 @@
 every fold of train+val, and its fold ensemble scored once on the test split, as nnU-Net reports a model.
 
 1. For each fold of data/splits.csv (group-aware, stratified: copies of a scan never straddle two folds), train
-   on the other folds and validate on it (busi.stages.train, unchanged: each fold is an MLflow child run), here
+   on the other folds and validate on it (busi.training, unchanged: each fold is an MLflow child run), here
    or as Ray tasks (busi.distributed); a grid file trains several configurations' folds at once.
 2. Predict every train+val image with the network that did not see it: the out-of-fold (OOF) predictions.
    The post-processing is decided on them (busi.evaluation.postprocessing.decide), as evaluate decides it on the
@@ -29,7 +29,7 @@ from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci, lookup, summary
 from busi.files import atomic_file
 from busi.model import serving
 from busi.model.predictor import Predictor
-from busi.stages.train import is_trained
+from busi.training import is_trained
 
 FOLD_METRICS = ("dice", "iou", "dice_per_image", "f1_weighted", "accuracy")  # mean ± sd over the folds
 

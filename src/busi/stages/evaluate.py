@@ -7,7 +7,6 @@ module only orchestrates and writes the outputs.
 """
 
 import functools
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -17,12 +16,12 @@ from busi import BusiError, tracking
 from busi.config import EvaluateParams
 from busi.data.arrays import load_split, read_references
 from busi.evaluation import figures, postprocessing
-from busi.evaluation.metrics import CASE_COLUMNS, METRICS, bootstrap_ci
+from busi.evaluation.metric_files import write_metrics
+from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
 from busi.files import atomic_file
 from busi.model import serving
 from busi.model.predictor import Predictor
 
-HEADLINE = ["images", *(metric.key for metric in METRICS if "." not in metric.key)]
 FIGURE_1 = "figure1_loss_iou.png"
 FIGURE_2 = "figure2_contours.png"
 
@@ -80,21 +79,6 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
     model_uri = tracking.log_evaluation(run_id, metrics, val_metrics, tables(metrics, cases), drawn, predictor_dir,
                                        serving)
     return metrics, model_uri
-
-
-def write_metrics(path: Path, metrics: dict) -> None:
-    """The headline (HEADLINE: the number of images and the top-level metrics of METRICS) to `path`, a DVC metrics
-    file that `dvc metrics show` and `dvc exp show` tabulate in one line; everything (per class, confusion,
-    intervals, post-processing decisions, the other metrics) to `<stem>_detail.json` beside it, which DVC does
-    not tabulate."""
-    headline = {key: metrics[key] for key in HEADLINE if key in metrics}
-    for target, content in ((Path(path), headline), (detail_path(path), metrics)):
-        with atomic_file(target) as tmp:
-            tmp.write_text(json.dumps(content, indent=2) + "\n")
-
-
-def detail_path(path: Path) -> Path:
-    return Path(path).with_name(f"{Path(path).stem}_detail.json")
 
 
 def tables(metrics: dict, cases: pd.DataFrame) -> dict[str, pd.DataFrame]:

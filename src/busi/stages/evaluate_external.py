@@ -17,13 +17,12 @@ import numpy as np
 
 from busi import CLASSES, BusiError
 from busi.config import EvaluateParams, ExternalDataset
-from busi.data.cases import INDEX, find_root, read_case, read_cases, scan
+from busi.data.archive import file_sha256, refuse_links, safe_extract
+from busi.data.cases import INDEX, MANIFEST, find_root, read_case, read_cases, scan
 from busi.evaluation import figures, postprocessing
+from busi.evaluation.metric_files import write_metrics
 from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
 from busi.files import atomic_file
-from busi.stages.evaluate import write_metrics
-from busi.stages.fetch import MANIFEST, refuse_links, safe_extract
-from busi.stages.source import file_sha256
 
 MAX_IMAGES = 100_000  # an external set of 100,000 images at most (each image is within busi_layout.MAX_PIXELS)
 
@@ -35,7 +34,7 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
     model's MLflow run unless `log` is False. Returns the metrics with the BUSI comparison. `raw_dir` and
     `splits_csv`: the training data (fetch's and split's outputs), where the leak check looks."""
     from busi import tracking  # slow to import
-    from busi.commands.predict import load_model
+    from busi.model.predictor import load_model
 
     predictor = load_model(model)
     run = tracking.model_run(predictor.provenance.get("mlflow_run_id"), model) if log else None

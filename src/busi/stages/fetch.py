@@ -13,24 +13,19 @@ in the user's archive or folder.
 import csv
 import shutil
 import socket
-import stat
 import sys
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
 from busi import BusiError
 from busi.config import DatasetParams
+from busi.data.archive import KAGGLE_DATASET, archive_path, file_sha256, refuse_links, safe_extract
 from busi.data.busi_layout import binarize_mask, mask_levels, open_image
-from busi.data.cases import FOLDER, INDEX, find_root, scan, write_index
+from busi.data.cases import FOLDER, INDEX, MANIFEST, find_root, scan, write_index
 from busi.files import atomic_dir
-from busi.stages.source import KAGGLE_DATASET, archive_path, file_sha256
 
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
-MANIFEST = "manifest.csv"
-MAX_MEMBERS = 20_000  # BUSI has 1,578 files
-MAX_UNPACKED_BYTES = 4 * 2**30  # BUSI unpacks to about 0.2 GiB
 
 
 def fetch(out_dir: Path, dataset: DatasetParams | None = None) -> int:
@@ -79,34 +74,6 @@ def download_from_kaggle(dataset: DatasetParams) -> Path:
     import kagglehub  # imported late: it is slow to import and only needed online
 
     return Path(kagglehub.dataset_download(KAGGLE_DATASET))
-
-
-def safe_extract(archive: Path, target: Path) -> None:
-    """Extract a zip inside `target` only: absolute paths, '..' and symbolic links are refused, and so are more
-    than MAX_MEMBERS members or more than MAX_UNPACKED_BYTES unpacked (zipfile never yields more bytes than a
-    member's header declares, so the declared sizes bound what is written)."""
-    if not zipfile.is_zipfile(archive):
-        raise BusiError(f"{archive}: not a zip archive (give a .zip or an extracted folder)")
-    with zipfile.ZipFile(archive) as zf:
-        members = zf.infolist()
-        if len(members) > MAX_MEMBERS:
-            raise BusiError(f"{archive}: {len(members):,} members, more than the limit of {MAX_MEMBERS:,}")
-        unpacked = sum(member.file_size for member in members)
-        if unpacked > MAX_UNPACKED_BYTES:
-            raise BusiError(f"{archive}: unpacks to {unpacked / 2**20:,.1f} MiB, more than the limit of "
-                            f"{MAX_UNPACKED_BYTES / 2**20:,.1f} MiB")
-        for member in members:
-            name = PurePosixPath(member.filename.replace("\\", "/"))
-            is_link = stat.S_ISLNK(member.external_attr >> 16)
-            if name.is_absolute() or ".." in name.parts or is_link or ":" in member.filename:
-                raise BusiError(f"{archive}: member {member.filename!r} would escape the target folder")
-        zf.extractall(target)
-
-
-def refuse_links(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            raise BusiError(f"{path}: a symbolic link in the source folder (links are not followed)")
 
 
 def write_manifest(base: Path, manifest: Path, cases, shown: str, folder: str) -> None:
