@@ -3,6 +3,7 @@ on PostgreSQL; a worker killed during a fold; the report the same as the single-
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,17 +22,19 @@ EPOCHS = 8
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A head node and a second node, one CPU each, on this machine: RAY_ADDRESS of the cluster."""
+    """A head node and a second node, one CPU each, on this machine: the environment that reaches the cluster
+    (RAY_ADDRESS, and the token every node and driver shares: Ray's token authentication, on by default)."""
     pytest.importorskip("ray")
     port = free_port()
-    env = run_env(RAY_USAGE_STATS_ENABLED="0")
+    access = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = run_env(RAY_USAGE_STATS_ENABLED="0", **{k: v for k, v in access.items() if k != "RAY_ADDRESS"})
     ray = [str(Path(sys.executable).with_name("ray"))]  # the CLI installed beside this Python
     try:
         sh(*ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
            "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", cwd=tmp_path, env=env, timeout=180)
         sh(*ray, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
            "--num-gpus=0", cwd=tmp_path, env=env, timeout=180)
-        yield f"127.0.0.1:{port}"
+        yield access
     finally:
         subprocess.run([*ray, "stop", "--force"], env=env, capture_output=True, timeout=180)
 
@@ -71,7 +74,7 @@ def test_the_grid_on_a_two_node_ray_cluster_survives_a_killed_worker(ray_cluster
                                                                       tmp_path):
     url, _, _ = tracking_server
     command = grid_command(processed, tmp_path, tmp_path / "on_ray")
-    env = run_env(RAY_ADDRESS=ray_cluster, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1")
+    env = run_env(**ray_cluster, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1")
     log = tmp_path / "grid.log"
     with log.open("w") as out:
         grid = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
