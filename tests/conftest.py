@@ -30,7 +30,7 @@ def committed_params() -> Path:
     workspace file, and the tests must not depend on the last experiment a user ran. Outside git: the file."""
     found = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
     if found.returncode != 0:
-        return PARAMS_FILE
+        return REPO / "params.yaml"
     path = Path(tempfile.mkdtemp(prefix="busi-tests-")) / "params.yaml"
     path.write_text(found.stdout)
     return path

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from busi import BusiError
+from busi.cli import check_steps
 from busi.config import load_params
 from conftest import PARAMS_FILE, run_env
 
@@ -34,13 +35,18 @@ def test_repository_params_are_valid():
         (lambda p: p.pop("preprocess"), "preprocess: Field required"),
         (lambda p: p.update(trian={}), "trian: Extra inputs are not permitted"),
         (lambda p: p["train"].update(ema=1.0), "train.ema: Input should be less than 1"),
-        (lambda p: p["evaluate"].update(flip_tta="yes"), "evaluate.flip_tta: Input should be 'auto', 'on' or 'off'"),
+        (lambda p: p["evaluate"]["postprocessing"].update(flip_tta="yes"),
+         "evaluate.postprocessing.flip_tta: 'yes' is not auto, on, off"),
+        (lambda p: p["evaluate"]["postprocessing"].update(min_lesion_area=2),
+         "evaluate.postprocessing.min_lesion_area: 2 is not auto, on, off or a number from 0 to 1"),
+        (lambda p: p["evaluate"]["postprocessing"].update(fill_holes="on"),
+         "evaluate.postprocessing.fill_holes: unknown step"),
     ],
 )
 def test_invalid_params_name_the_parameter(tmp_path, change, message):
     path = write_params(tmp_path / "params.yaml", change)
     with pytest.raises(BusiError, match=message.replace("+", r"\+")):
-        load_params(path)
+        check_steps(path, load_params(path))
 
 
 def test_cli_refuses_invalid_params_before_any_work(tmp_path):

@@ -30,7 +30,7 @@ from busi.evaluation.metrics import (
     segmentation_metrics,
 )
 from busi.evaluation.postprocessing import decide, score
-from busi.model.postprocessing import PostProcessing
+from busi.model.postprocessing import STEPS, PostProcessing
 from busi.model.predictor import Predictor
 from busi.stages.evaluate import evaluate
 from busi.training import train
@@ -77,8 +77,12 @@ def head_says(probabilities):
 
 
 def params(**changes) -> EvaluateParams:
-    return EvaluateParams(**{"threshold": 0.5, "largest_component": "auto", "flip_tta": "auto",
-                             "label_from_mask": "auto", "bootstrap": 200, "seed": 0, "figure_cases": 1, **changes})
+    """Evaluate params with these changes: a step's name sets it under postprocessing (a step left out is off)."""
+    names = {step.name for step in STEPS}
+    steps = {"largest_component": "auto", "flip_tta": "auto", "label_from_mask": "auto"}
+    steps |= {key: value for key, value in changes.items() if key in names}
+    return EvaluateParams(**{"threshold": 0.5, "postprocessing": steps, "bootstrap": 200, "seed": 0,
+                             "figure_cases": 1, **{key: v for key, v in changes.items() if key not in names}})
 
 
 @pytest.mark.parametrize(("reference", "prediction", "dice", "iou"), [
@@ -163,7 +167,7 @@ def test_auto_keeps_the_largest_component_only_where_it_helps_on_validation(tmp_
     references = read_references(masks_dir, arrays)
     chosen, record = decide(helps, arrays, references, params(**fixed))
     assert chosen.largest_component is True
-    assert record == {"val_dice_with": 1.0, "val_dice_without": pytest.approx(72 / 76)}
+    assert record == {"largest_component": {"on": 1.0, "off": pytest.approx(72 / 76)}}
     assert decide(helps, arrays, references, params(**fixed, largest_component="off"))[0].largest_component is False
 
     two_lesions = square(2, 2, side=6) | square(14, 14, side=4)
@@ -171,8 +175,38 @@ def test_auto_keeps_the_largest_component_only_where_it_helps_on_validation(tmp_
     hurts = head_says((np.stack([two_lesions]).astype(np.float32), np.array([[0.3, 0.6, 0.1]])))
     references = read_references(masks_dir, arrays)
     chosen, record = decide(hurts, arrays, references, params(**fixed))
-    assert chosen.largest_component is False and record["val_dice_with"] < record["val_dice_without"] == 1
+    assert chosen.largest_component is False
+    assert record["largest_component"]["on"] < record["largest_component"]["off"] == 1
     assert decide(hurts, arrays, references, params(**fixed, largest_component="on"))[0].largest_component is True
+
+
+def test_min_lesion_area_drops_the_regions_under_its_fraction_of_the_image():
+    # A 20x20 image (400 px): a 6x6 lesion (36 px = 9%) and a 2x2 speck (4 px = 1%).
+    probability = (square(2, 2, side=6, size=(20, 20)) | square(15, 15, side=2, size=(20, 20))).astype(np.float32)
+    assert PostProcessing(min_lesion_area=0.01).mask(probability, 20, 20).sum() == 40  # 4 >= 0.01 * 400: kept
+    assert PostProcessing(min_lesion_area=0.011).mask(probability, 20, 20).sum() == 36  # the speck goes
+    assert PostProcessing(min_lesion_area=0.1).mask(probability, 20, 20).sum() == 0  # 36 < 40: both go
+    kept = PostProcessing(min_lesion_area=0.011, largest_component=True).mask(probability, 20, 20)
+    assert kept.sum() == 36
+
+
+def test_auto_chooses_the_min_lesion_area_that_empties_the_normal_images_on_validation(tmp_path):
+    # A normal image with a one-pixel false lesion and a benign one whose 6x6 lesion is found.
+    references = [EMPTY, square(2, 2, side=6)]
+    arrays, masks_dir = make_split(tmp_path, references, ["normal", "benign"])
+    predicted = np.stack([square(10, 10, side=1), square(2, 2, side=6)]).astype(np.float32)
+    heads = np.array([[0.2, 0.1, 0.7], [0.7, 0.2, 0.1]])
+    references = read_references(masks_dir, arrays)
+    fixed = {"flip_tta": "off", "largest_component": "off", "label_from_mask": "off", "min_lesion_area": "auto"}
+    chosen, record = decide(head_says((predicted, heads)), arrays, references, params(**fixed))
+    # Per-image Dice over both images: 0.5 while the speck stays (the normal image scores 0), 1 once it goes; the
+    # lesion (36 px) goes too from 36 / SIDE**2 on. The smallest value that drops the speck wins.
+    speck, lesion = 1 / SIDE**2, 36 / SIDE**2
+    expected = {f"{v:g}": 1.0 if speck < v <= lesion else 0.5 if v <= speck else 0.0 for v in STEPS[1].values}
+    assert record["min_lesion_area"] == expected
+    assert chosen.min_lesion_area == min(v for v in STEPS[1].values if speck < v <= lesion)
+    off = decide(head_says((predicted, heads)), arrays, references, params(**fixed | {"min_lesion_area": "off"}))
+    assert off[0].min_lesion_area == 0 and "min_lesion_area" not in off[1]
 
 
 def test_predictions_are_scored_at_the_original_size(tmp_path):
@@ -273,10 +307,9 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     assert metrics["images"] == len(test["ids"]) == sum(sum(row.values()) for row in metrics["confusion"].values())
     assert set(metrics["per_class"]) == set(CLASSES) and "dice" in metrics["per_class"]["malignant"]
     assert set(metrics["ci95"]) == set(CI_METRICS) and set(metrics["ci95"]["dice"]) == {"low", "high"}
-    assert set(metrics["postprocessing"]) == {"threshold", "flip_tta", "val_score_with_flip", "val_score_without_flip",
-                                              "largest_component", "val_dice_with", "val_dice_without",
-                                              "label_from_mask", "val_f1_with_mask_label",
-                                              "val_f1_without_mask_label", "mask_from_label", "temperature"}
+    steps = {"threshold", "temperature", *(step.name for step in STEPS)}
+    assert set(metrics["postprocessing"]) == steps | {"decisions"}
+    assert {"flip_tta", "largest_component", "label_from_mask"} <= set(metrics["postprocessing"]["decisions"])
     assert set(json.loads((tmp_path / "val.json").read_text())) == headline
     val_metrics = json.loads((tmp_path / "val_detail.json").read_text())  # what runs are compared on
     assert val_metrics["images"] == len(val["ids"]) and set(val_metrics["per_class"]) == set(CLASSES)
@@ -284,9 +317,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
 
     # The predictor carries the network and what was chosen on validation.
     manifest = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
-    assert manifest["postprocessing"] == {key: metrics["postprocessing"][key]
-                                          for key in ("threshold", "flip_tta", "largest_component", "label_from_mask",
-                                                     "mask_from_label", "temperature")}
+    assert manifest["postprocessing"] == {key: metrics["postprocessing"][key] for key in steps}
     assert manifest["image_size"] == 64 and manifest["networks"][0]["model"]["encoder"] == "resnet18"
     assert manifest["provenance"]["mlflow_run_id"] == summary["run_id"]
 
@@ -413,7 +444,7 @@ def test_flip_tta_is_forced_or_decided_on_validation(tmp_path):
     assert decide(probabilities_of, val, references, params(flip_tta="off", **fixed))[0].flip_tta is False
     chosen, record = decide(probabilities_of, val, references, params(**fixed))
     # The lesion fills the image: the plain prediction finds its left half, the average all of it.
-    assert chosen.flip_tta is True and record["val_score_with_flip"] > record["val_score_without_flip"]
+    assert chosen.flip_tta is True and record["flip_tta"]["on"] > record["flip_tta"]["off"]
 
 
 def test_labels_from_the_mask_follow_the_predicted_lesion():
@@ -433,9 +464,9 @@ def test_label_from_mask_is_forced_or_decided_on_validation(tmp_path):
     fixed = {"flip_tta": "off", "largest_component": "off"}
     chosen, record = decide(head_says((probabilities, head)), val, references, params(**fixed))
     assert chosen.label_from_mask is True
-    assert record["val_f1_with_mask_label"] > record["val_f1_without_mask_label"]
+    assert record["label_from_mask"]["on"] > record["label_from_mask"]["off"]
     off, record = decide(head_says((probabilities, head)), val, references, params(**fixed, label_from_mask="off"))
-    assert off.label_from_mask is False and "val_f1_with_mask_label" not in record
+    assert off.label_from_mask is False and "label_from_mask" not in record
     # Where the head is right and the masks miss the lesions, auto keeps the head.
     right = np.eye(3, dtype=np.float32)
     missed = np.zeros_like(probabilities)

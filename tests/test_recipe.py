@@ -66,11 +66,11 @@ def test_gating_is_decided_on_every_image_of_validation():
     val = {"ids": np.array(["n", "b"]), "labels": np.array([2, 0]), "sizes": np.array([[4, 4], [4, 4]])}
     probabilities = np.stack([np.where(lesion[1], 0.9, 0.1)] * 2).astype(np.float32)
     heads = np.array([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]])
-    params = EvaluateParams(threshold=0.5, largest_component="off", flip_tta="off", label_from_mask="off",
-                            mask_from_label="auto", calibration="off", bootstrap=0, seed=0, figure_cases=1)
+    params = EvaluateParams(threshold=0.5, postprocessing={"mask_from_label": "auto"}, calibration="off", bootstrap=0,
+                            seed=0, figure_cases=1)
     chosen, record = decide(lambda flip: (probabilities, heads), val, [lesion[0], lesion[1]], params)
     assert chosen.mask_from_label
-    assert record["val_dice_all_with_gate"] == 1.0 and record["val_dice_all_without_gate"] == 0.5
+    assert record == {"mask_from_label": {"off": 0.5, "on": 1.0}}
 
 
 def test_weighted_f1_of_a_confusion_matrix_by_hand():

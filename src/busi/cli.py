@@ -7,6 +7,7 @@ Run `busi <command> --help` for one command. `python -m busi` is the same progra
 """
 
 import argparse
+import importlib
 import os
 import signal
 import sys
@@ -16,7 +17,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from busi import BusiError
-from busi.config import load_grid, load_params
+from busi.config import load_params
+from busi.model.postprocessing import STEPS, step_settings
 
 # Commands that read params.yaml; the others run from any directory without one.
 # source runs first on every `dvc repro` (always_changed): validating the whole file there stops a mistyped or
@@ -147,14 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     steps = cmd.add_argument_group("post-processing", "default: what the model carries (chosen on validation)")
     steps.add_argument("--threshold", type=float, default=None, help="on the lesion probability")
-    steps.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
-                       help="average with the mirrored image (test-time augmentation)")
-    steps.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
-                       help="keep only the largest lesion region")
-    steps.add_argument("--label-from-mask", action=argparse.BooleanOptionalAction, default=None,
-                       help="no predicted lesion -> normal, else the more probable of benign and malignant")
-    steps.add_argument("--mask-from-label", action=argparse.BooleanOptionalAction, default=None,
-                       help="an image labelled normal gets an empty mask")
+    for step in STEPS:  # --flip-tta/--no-flip-tta, --min-lesion-area 0.005, ...
+        kind = {"action": argparse.BooleanOptionalAction} if type(step.on) is bool else {"type": float}
+        steps.add_argument(f"--{step.name.replace('_', '-')}", default=None, help=step.help, **kind)
 
     cmd = command("report", "the study's comparison table and figures from every MLflow run",
                   "Writes the markdown report and its curves figure, and logs both to the experiment's\n"
@@ -186,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         params = load_params(args.params) if args.command in NEEDS_PARAMS else None  # validated before any work
+        if params:
+            check_steps(args.params, params)
         summary = run(args, params)
     except BusiError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -198,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{args.command}: {summary} ({time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def check_steps(path: Path, params) -> None:
+    """evaluate.postprocessing names steps of busi.model.postprocessing.STEPS (checked here rather than in
+    busi.config, which every stage imports: the steps' module is a dependency of evaluation only)."""
+    try:
+        step_settings(params.evaluate.postprocessing)
+    except ValueError as err:
+        raise BusiError(f"{path}: {err}") from None
 
 
 def interrupt(signum, frame):
@@ -219,92 +227,16 @@ def redact(text: str) -> str:
     return text
 
 
+# Each command's module, imported on demand (each pulls in only what it needs; torch is slow to import). Its
+# `run(args, params)` reads the parsed arguments, calls the library and returns the one-line summary.
+COMMANDS = {
+    "source": "busi.stages.source", "fetch": "busi.stages.fetch", "merge-masks": "busi.stages.merge_masks",
+    "split": "busi.stages.split", "preprocess": "busi.stages.preprocess", "train": "busi.stages.train",
+    "evaluate": "busi.stages.evaluate", "evaluate-external": "busi.stages.evaluate_external",
+    "cross-validate": "busi.stages.cross_validate", "predict": "busi.commands.predict",
+    "report": "busi.commands.report", "ablate": "busi.commands.ablate", "check-metrics": "busi.commands.check_metrics",
+}
+
+
 def run(args: argparse.Namespace, params) -> str:
-    # Stage modules are imported on demand: each pulls in only what it needs (torch is slow to import).
-    if args.command == "source":
-        from busi.stages.source import source
-
-        found = source(args.out)
-        return f"{found['path']} ({found['kind']}{', sha256 ' + found['sha256'][:12] if 'sha256' in found else ''})"
-    if args.command == "fetch":
-        from busi.stages.fetch import fetch
-
-        return f"{fetch(args.out, params.dataset)} images verified in {args.out}"
-    if args.command == "merge-masks":
-        from busi.stages.merge_masks import merge_masks
-
-        return f"{merge_masks(args.raw, args.out)} merged masks in {args.out}"
-    if args.command == "split":
-        from busi.stages.split import split
-
-        report = split(args.raw, params.split, args.out, args.report)
-        totals = ", ".join(f"{s} {c['total']}" for s, c in report["counts"].items())
-        return (f"{totals}; {report['groups_with_copies']} groups of several images (copies, frames, cases), "
-                f"{report['conflicts']['groups']} conflicts ({params.split.conflicts})")
-    if args.command == "preprocess":
-        from busi.stages.preprocess import preprocess
-
-        counts = preprocess(args.raw, args.masks, args.splits, params.preprocess.image_size, args.out)
-        return ", ".join(f"{s} {n}" for s, n in counts.items()) + f" at {params.preprocess.image_size} px"
-    if args.command == "train":
-        from busi.stages import train
-
-        return train.run(args.data, params, args.out, args.metrics, args.history)
-    if args.command == "cross-validate":
-        from busi.stages.cross_validate import cross_validate
-
-        grid = load_grid(args.grid, params) if args.grid else None
-        result = cross_validate(args.data, args.splits, args.masks, params, args.out, grid, args.cpus_per_fold,
-                                args.gpus_per_fold)
-        if grid:
-            return "; ".join(f"{name}: validation dice {r['mean']['dice']:.3f}, ensemble test dice "
-                             f"{r['test']['dice']:.3f} (MLflow run {r['run_id']})" for name, r in result.items())
-        folds = ", ".join(f"{k} {result['mean'][k]:.3f} ± {result['sd'][k]:.3f}" for k in ("dice", "f1_weighted"))
-        return (f"{result['folds']} folds, validation {folds}; ensemble test dice {result['test']['dice']:.3f}, "
-                f"f1_weighted {result['test']['f1_weighted']:.3f}; MLflow run {result['run_id']}")
-    if args.command == "check-metrics":
-        from busi.commands.check_metrics import check_metrics
-
-        table, regressed = check_metrics(args.new, args.baseline)
-        print(table)
-        if regressed:
-            raise BusiError(f"metrics regressed beyond tolerance: {', '.join(regressed)}")
-        return "no gated metric regressed"
-    if args.command == "evaluate":
-        from busi.stages.evaluate import evaluate
-
-        metrics, model_uri = evaluate(args.data, args.masks, args.model, args.train_metrics, args.history,
-                                      params.evaluate, args.out, args.plots, args.figures, args.val_out, args.predictor)
-        return (f"test dice {metrics.get('dice', float('nan')):.3f}, iou {metrics.get('iou', float('nan')):.3f}, "
-                f"f1_weighted {metrics['f1_weighted']:.3f}; predictor in {args.predictor}, MLflow model {model_uri}")
-    if args.command == "evaluate-external":
-        from busi.stages.evaluate_external import evaluate_external
-
-        if args.name not in params.external:
-            raise BusiError(f"{args.params}: external.{args.name}: not configured (configured: "
-                            f"{', '.join(params.external) or 'none'})")
-        metrics = evaluate_external(args.name, params.external[args.name], args.model, params.evaluate, args.out,
-                                    args.figures, log=not args.no_mlflow, raw_dir=args.raw, splits_csv=args.splits)
-        return (f"{args.name}: dice {metrics.get('dice', float('nan')):.3f}, dice_per_image "
-                f"{metrics.get('dice_per_image', float('nan')):.3f}, f1_weighted {metrics['f1_weighted']:.3f}; "
-                f"in {args.out}")
-    if args.command == "ablate":
-        from busi.commands.ablate import ablate, markdown
-
-        print(markdown(ablate(args.models, args.data, args.masks, params.evaluate.threshold)))
-        return "validation split only"
-    if args.command == "report":
-        from busi.commands.report import report
-
-        return f"wrote {report(args.out, args.experiment, args.where, args.baseline)}"
-    if args.command == "predict":
-        from busi.commands.predict import predict
-
-        overrides = {"threshold": args.threshold, "flip_tta": args.flip_tta,
-                     "largest_component": args.largest_component, "label_from_mask": args.label_from_mask,
-                     "mask_from_label": args.mask_from_label}
-        done, failed, _ = predict(args.inputs, args.model, args.out, overrides)
-        if failed:
-            raise BusiError(f"{failed} of {done + failed} inputs failed (see above); the rest are in {args.out}")
-        return f"{done} images in {args.out}"
-    raise AssertionError(args.command)
+    return importlib.import_module(COMMANDS[args.command]).run(args, params)

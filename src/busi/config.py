@@ -156,10 +156,9 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     threshold: float = Field(gt=0, lt=1)  # on the lesion probability
-    largest_component: Literal["auto", "on", "off"]  # auto: keep it only if it helps on the validation split
-    flip_tta: Literal["auto", "on", "off"]  # average with the mirrored image; auto: decided on the validation split
-    label_from_mask: Literal["auto", "on", "off"]  # no predicted lesion -> normal; auto: decided on validation
-    mask_from_label: Literal["auto", "on", "off"] = "off"  # predicted normal -> empty mask; auto: on validation
+    # step -> auto (decided on the validation split) | on | off | a value; a step left out is off. The steps, and
+    # what each accepts, are busi.model.postprocessing.STEPS (checked by check_steps there).
+    postprocessing: dict[str, str | bool | float] = {}
     calibration: Literal["temperature", "off"] = "off"  # class probabilities: one temperature fitted on validation
     bootstrap: int = Field(ge=0)  # resamples for the 95% confidence intervals; 0 turns them off
     seed: int

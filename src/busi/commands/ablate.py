@@ -1,9 +1,9 @@
 """`python -m busi ablate`: what each post-processing step adds, on the validation split only.
 
 For every checkpoint given, the validation metrics at the original resolution with the post-processing steps
-switched on one at a time, in the order the evaluate stage decides them: none, + flip TTA, + largest component,
-+ labels from the mask, or instead the class gating the mask. The test split is never read: this is for
-choosing, the evaluate stage for reporting.
+(busi.model.postprocessing.STEPS) switched on one at a time, in the order the evaluate stage decides them, each
+on top of the ones before (a step that excludes another switches it off). The test split is never read: this is
+for choosing, the evaluate stage for reporting.
 """
 
 from dataclasses import replace
@@ -15,17 +15,19 @@ import torch
 from busi import BusiError
 from busi.data.arrays import load_split, read_references
 from busi.evaluation.metrics import METRICS, lookup
-from busi.evaluation.postprocessing import score
-from busi.model.postprocessing import PostProcessing
+from busi.evaluation.postprocessing import score, shown
+from busi.model.postprocessing import STEPS, PostProcessing
 from busi.model.predictor import Predictor
 
-STEPS = [  # (name, the step it switches on), added in turn
-    ("none", {}),
-    ("+ flip TTA", {"flip_tta": True}),
-    ("+ largest component", {"largest_component": True}),
-    ("+ labels from the mask", {"label_from_mask": True}),
-    ("+ the class gates the mask instead", {"label_from_mask": False, "mask_from_label": True}),
-]
+
+def rows() -> list[tuple[str, dict]]:
+    """(name, the post-processing fields it sets), added in turn: none, then + each step of STEPS at its `on`."""
+    added = [("none", {})]
+    for step in STEPS:
+        excluded = f" ({', '.join(step.excludes)} off)" if step.excludes else ""
+        added.append((f"+ {step.name} {shown(step.on)}{excluded}",
+                      {step.name: step.on} | {other: False for other in step.excludes}))
+    return added
 
 
 def ablate(models: list[Path], data_dir: Path, masks_dir: Path, threshold: float) -> pd.DataFrame:
@@ -40,7 +42,7 @@ def ablate(models: list[Path], data_dir: Path, masks_dir: Path, threshold: float
                             f"{val['images'].shape[1]} px images; run `dvc repro preprocess` for that size")
         probabilities = {flip: predictor.probabilities(val["images"], flip=flip) for flip in (False, True)}
         step = PostProcessing(threshold=threshold)
-        for name, switch in STEPS:
+        for name, switch in rows():
             step = replace(step, **switch)
             metrics = score(step, *probabilities[step.flip_tta], val, references)[0]
             epoch = predictor.provenance["checkpoints"][0]["epoch"]
@@ -56,3 +58,8 @@ def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def run(args, params) -> str:
+    print(markdown(ablate(args.models, args.data, args.masks, params.evaluate.threshold)))
+    return "validation split only"

@@ -52,3 +52,11 @@ def check_metrics(new_path: Path, baseline_path: Path) -> tuple[str, list[str]]:
         rows.append(f"| {key} | {before:.4f} | {after:.4f} | {change:+.4f} | {tolerance:.2f} | "
                     f"{'ok' if ok else 'REGRESSED'} |")
     return "\n".join(rows), regressed
+
+
+def run(args, params) -> str:
+    table, regressed = check_metrics(args.new, args.baseline)
+    print(table)
+    if regressed:
+        raise BusiError(f"metrics regressed beyond tolerance: {', '.join(regressed)}")
+    return "no gated metric regressed"

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -26,6 +25,7 @@ from PIL import Image
 from busi import CLASSES, BusiError
 from busi.data.busi_layout import read_gray
 from busi.files import atomic_file
+from busi.model.postprocessing import STEPS, PostProcessing
 from busi.model.predictor import Prediction, load_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -35,8 +35,8 @@ TINT = np.array([255, 60, 60], np.float32)  # lesion colour in the overlay (RGB)
 
 def predict(inputs: list[Path], model: str, out_dir: Path, overrides: dict | None = None) -> tuple[int, int, str]:
     """Predict every image in `inputs` (files, or folders searched recursively); returns (done, failed, what was
-    applied). `overrides` replaces post-processing steps of the model's (threshold, flip_tta, largest_component,
-    label_from_mask); None values keep the model's."""
+    applied). `overrides` replaces post-processing steps of the model's (the threshold, a step of STEPS); None
+    values keep the model's."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise BusiError(f"{out_dir}: --out names an existing file; give a folder")
@@ -47,7 +47,10 @@ def predict(inputs: list[Path], model: str, out_dir: Path, overrides: dict | Non
                         "the images' reference masks (<name>_mask.png): give another folder")
     predictor = load_model(model)
     changes = {key: value for key, value in (overrides or {}).items() if value is not None}
-    predictor.postprocessing = replace(predictor.postprocessing, **changes)
+    try:
+        predictor.postprocessing = PostProcessing.from_dict(predictor.postprocessing.to_dict() | changes)
+    except ValueError as err:
+        raise BusiError(f"command line: {err}") from None
     source = model + (f"; {', '.join(changes)} from the command line" if changes else "")
     applied = f"{predictor.postprocessing.describe()} (from {source})"
     print(f"predict: {applied}", file=sys.stderr, flush=True)
@@ -139,3 +142,11 @@ def overlay(image: np.ndarray, prediction: Prediction) -> np.ndarray:
 def save_png(path: Path, array: np.ndarray) -> None:
     with atomic_file(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")  # the temporary name has no .png suffix
+
+
+def run(args, params) -> str:
+    overrides = {"threshold": args.threshold} | {step.name: getattr(args, step.name) for step in STEPS}
+    done, failed, _ = predict(args.inputs, args.model, args.out, overrides)
+    if failed:
+        raise BusiError(f"{failed} of {done + failed} inputs failed (see above); the rest are in {args.out}")
+    return f"{done} images in {args.out}"

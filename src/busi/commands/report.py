@@ -321,3 +321,7 @@ def plot_curves(runs: list[Run], curves: dict[str, dict[str, dict[int, float]]])
     if axes[-1].has_data():
         axes[-1].legend(fontsize="small")
     return fig
+
+
+def run(args, params) -> str:
+    return f"wrote {report(args.out, args.experiment, args.where, args.baseline)}"

@@ -3,8 +3,8 @@ cross-validation and saves it for inference: the decisions (`decide`), temperatu
 scoring of a split under a post-processing. The transform itself (`PostProcessing`: probabilities -> a mask and
 a label) is inference's, in busi.model.postprocessing.
 
-A new post-processing step is a field of `PostProcessing` (busi.model.postprocessing), its use in `mask`/
-`labels`, and its decision in `decide` here; every caller picks it up.
+A new post-processing step is an entry of busi.model.postprocessing.STEPS (with its field in `PostProcessing`);
+`decide` judges it by the entry's criterion, and every caller picks it up.
 """
 
 from collections.abc import Callable
@@ -13,9 +13,10 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
+from busi import BusiError
 from busi.config import EvaluateParams
 from busi.evaluation import metrics
-from busi.model.postprocessing import PostProcessing, softmax
+from busi.model.postprocessing import STEPS, PostProcessing, softmax, step_settings
 
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8), 241))  # 1.5% apart
 
@@ -38,52 +39,40 @@ def score(postprocessing: PostProcessing, probabilities: np.ndarray, class_proba
 
 def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], val: dict, references: list,
            params: EvaluateParams) -> tuple[PostProcessing, dict]:
-    """Each `auto` step of params on the validation split, in order: flip TTA (if it raises the mean of per-image
-    Dice and weighted F1), largest component (if it raises per-image Dice), labels from the mask (if it raises
-    weighted F1); `on`/`off` are taken as given. `probabilities_of(flip)` predicts the validation images.
-    Returns the post-processing and the validation figures behind each decision."""
-    chosen = PostProcessing(threshold=params.threshold, flip_tta=params.flip_tta == "on",
-                            largest_component=params.largest_component == "on",
-                            label_from_mask=params.label_from_mask == "on")
+    """The post-processing for `params` on the validation split: steps set on/off (or to a value) in params are
+    taken as given; each `auto` step, in the order of STEPS, is tried at each of its values on top of the steps
+    decided before it, and keeps the value with the highest mean of its criterion (a tie keeps "off").
+    `probabilities_of(flip)` predicts the validation images. Returns the post-processing and the validation
+    figures behind each decision ({step: {value: score}})."""
+    try:
+        settings = step_settings(params.postprocessing)
+    except ValueError as err:
+        raise BusiError(str(err)) from None
+    chosen = PostProcessing(threshold=params.threshold,
+                            **{name: setting for name, setting in settings.items() if setting != "auto"})
     record = {}
-    if not len(val["labels"]):
-        return chosen, record
+    for step in (step for step in STEPS if settings[step.name] == "auto" and len(val["labels"])):
+        if any(getattr(chosen, other) for other in step.excludes):
+            continue  # e.g. labels from the mask: the class already gates the mask
+        scores = {}
+        for value in step.values:
+            candidate = replace(chosen, **{step.name: value})
+            figures = score(candidate, *probabilities_of(candidate.flip_tta), val, references)[0]
+            defined = [figures[key] for key in step.criterion if not np.isnan(figures.get(key, np.nan))]
+            scores[value] = float(np.mean(defined)) if defined else np.nan
+        if np.isnan(list(scores.values())).any():
+            continue  # the criterion is undefined here (no lesion in the split)
+        best = max(scores, key=lambda value: (scores[value], -step.values.index(value)))
+        chosen = replace(chosen, **{step.name: best})
+        record[step.name] = {shown(value): round(figure, 6) for value, figure in scores.items()}
 
-    def val_metrics(candidate: PostProcessing) -> dict:
-        return score(candidate, *probabilities_of(candidate.flip_tta), val, references)[0]
-
-    if params.flip_tta == "auto":
-        score_of = {}
-        for flip in (True, False):
-            candidate = val_metrics(PostProcessing(threshold=params.threshold, flip_tta=flip))
-            score_of[flip] = float(np.nanmean([candidate.get("dice_per_image", np.nan), candidate["f1_weighted"]]))
-        chosen = replace(chosen, flip_tta=score_of[True] > score_of[False])
-        record |= {"val_score_with_flip": score_of[True], "val_score_without_flip": score_of[False]}
-
-    dice = {keep: val_metrics(replace(chosen, largest_component=keep, label_from_mask=False)).get("dice_per_image")
-            for keep in (True, False)}
-    if None not in dice.values():  # the split has lesions
-        record |= {"val_dice_with": dice[True], "val_dice_without": dice[False]}
-        if params.largest_component == "auto":
-            chosen = replace(chosen, largest_component=bool(dice[True] > dice[False]))
-
-    if params.label_from_mask == "auto":
-        f1 = {from_mask: val_metrics(replace(chosen, label_from_mask=from_mask))["f1_weighted"]
-              for from_mask in (True, False)}
-        chosen = replace(chosen, label_from_mask=f1[True] > f1[False])
-        record |= {"val_f1_with_mask_label": f1[True], "val_f1_without_mask_label": f1[False]}
-
-    # The class gating the mask is judged on every image (an empty mask on an image without lesion scores 1),
-    # since it trades lesions lost on misclassified lesion images for lesions no longer drawn on normal ones.
-    chosen = replace(chosen, mask_from_label=params.mask_from_label == "on")
-    if params.mask_from_label == "auto" and not chosen.label_from_mask:  # label from mask: already consistent
-        dice_all = {gate: val_metrics(replace(chosen, mask_from_label=gate)).get("dice_per_image_all")
-                    for gate in (True, False)}
-        chosen = replace(chosen, mask_from_label=bool(dice_all[True] > dice_all[False]))
-        record |= {"val_dice_all_with_gate": dice_all[True], "val_dice_all_without_gate": dice_all[False]}
-
-    if params.calibration == "temperature":
+    if params.calibration == "temperature" and len(val["labels"]):
         chosen = replace(chosen, temperature=fit_temperature(val["labels"], probabilities_of(chosen.flip_tta)[1]))
-        record |= {"val_ece_before": val_metrics(replace(chosen, temperature=1.0))["ece"]}
+        uncalibrated = score(replace(chosen, temperature=1.0), *probabilities_of(chosen.flip_tta), val, references)
+        record["temperature"] = {"val_ece_before": uncalibrated[0]["ece"]}
     return chosen, record
 
+
+def shown(value) -> str:
+    """A step's value as a JSON key: on/off, or the number."""
+    return {True: "on", False: "off"}[value] if type(value) is bool else f"{value:g}"

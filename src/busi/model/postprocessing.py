@@ -1,6 +1,11 @@
 """Post-processing as inference applies it: one transform from the networks' probabilities to a mask and a label,
 the same for evaluate, ablate, predict and serving (busi.model.predictor). Its settings are decided on
-validation by busi.evaluation.postprocessing and saved in the predictor folder."""
+validation by busi.evaluation.postprocessing and saved in the predictor folder.
+
+A post-processing step is one entry of STEPS below plus its field (and its use) in `PostProcessing`: the
+params (`evaluate.postprocessing.<name>`), the `busi predict --<name>` flag, the decision on validation (its
+`criterion`) and the row of `busi ablate` all come from the entry.
+"""
 
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -11,9 +16,62 @@ from busi import CLASSES
 
 
 @dataclass(frozen=True)
+class Step:
+    name: str  # the PostProcessing field, the params key under evaluate.postprocessing, the predict flag
+    help: str
+    # `auto` tries each value on the validation split (the first is "off") and keeps the one with the highest
+    # mean of these validation metrics; a tie keeps the earlier value.
+    criterion: tuple[str, ...]
+    values: tuple = (False, True)
+    excludes: tuple[str, ...] = ()  # steps switched off while this one is on (and not decided while they are)
+
+    @property
+    def on(self):
+        """What `on` in params means, and what `busi ablate` switches on: the last of `values`."""
+        return self.values[-1]
+
+
+STEPS = (  # in the order they are decided and applied
+    Step("flip_tta", "average with the mirrored image's prediction (test-time augmentation)",
+         ("dice_per_image", "f1_weighted")),
+    Step("min_lesion_area", "drop lesion regions smaller than this fraction of the image",
+         ("dice_per_image_all",), values=(0.0, 0.001, 0.002, 0.005, 0.01)),
+    Step("largest_component", "keep only the largest lesion region", ("dice_per_image",)),
+    Step("label_from_mask", "no predicted lesion -> normal, else the more probable of benign and malignant",
+         ("f1_weighted",)),
+    # Judged on every image (an empty mask on an image without lesion scores 1): it trades lesions lost on
+    # misclassified lesion images for lesions no longer drawn on normal ones.
+    Step("mask_from_label", "the mask follows the class: normal -> empty, a lesion class -> its likeliest region",
+         ("dice_per_image_all",), excludes=("label_from_mask",)),
+)
+
+
+def step_settings(settings: dict) -> dict:
+    """Params' evaluate.postprocessing as {step: "auto" or its value}, for every step of STEPS (one left out is
+    off; YAML's on/off may arrive as true/false). Raises ValueError naming the key of an unknown step or of a
+    setting that is not auto, on, off or (for a numeric step) a value in [0, 1)."""
+    steps = {step.name: step for step in STEPS}
+    for name, setting in settings.items():
+        if name not in steps:
+            raise ValueError(f"evaluate.postprocessing.{name}: unknown step (steps: {', '.join(steps)})")
+        numeric = type(steps[name].on) is not bool
+        if not (setting in ("auto", "on", "off") or type(setting) is bool
+                or numeric and type(setting) in (int, float) and 0 <= setting < 1):
+            raise ValueError(f"evaluate.postprocessing.{name}: {setting!r} is not auto, on, off"
+                             f"{' or a number from 0 to 1' if numeric else ''}")
+    named = {True: "on", False: "off"}
+    as_given = {name: named.get(setting, setting) if type(setting) is bool else setting
+                for name, setting in settings.items()}
+    return {step.name: {"on": step.on, "off": step.values[0]}.get(as_given.get(step.name, "off"),
+                                                                  as_given.get(step.name, "off"))
+            for step in STEPS}
+
+
+@dataclass(frozen=True)
 class PostProcessing:
     threshold: float = 0.5  # on the lesion probability, at the image's own size
     flip_tta: bool = False  # average the probabilities with those of the mirrored image (applied by the predictor)
+    min_lesion_area: float = 0.0  # lesion regions under this fraction of the image's area are dropped
     largest_component: bool = False  # keep only the largest connected lesion region
     label_from_mask: bool = False  # no predicted lesion -> normal, else the more probable of benign/malignant
     # The class gates the mask: an image labelled normal gets an empty mask, and an image labelled benign or
@@ -33,10 +91,13 @@ class PostProcessing:
         resize first, threshold after (this post-processing's, unless `threshold` says)."""
         resized = cv2.resize(probability, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
         mask = resized >= (self.threshold if threshold is None else threshold)
-        if self.largest_component and mask.any():
+        if (self.largest_component or self.min_lesion_area) and mask.any():
             count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-            if count > 2:  # background + more than one component
-                mask = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            areas = stats[1:, cv2.CC_STAT_AREA]  # of each region; label 0 is the background
+            keep = areas >= self.min_lesion_area * mask.size
+            if self.largest_component and keep.any():
+                keep = np.arange(len(areas)) == np.argmax(np.where(keep, areas, -1))
+            mask = np.isin(labels, 1 + np.flatnonzero(keep))
         return mask
 
     def labels(self, class_probabilities: np.ndarray, predicted_area: np.ndarray) -> np.ndarray:
@@ -64,7 +125,8 @@ class PostProcessing:
             return np.zeros_like(mask)
         if mask.any() or not probability.max() > 0:
             return mask
-        return replace(self, largest_component=True).mask(probability, *mask.shape, threshold=probability.max() / 2)
+        best_guess = replace(self, largest_component=True, min_lesion_area=0.0)
+        return best_guess.mask(probability, *mask.shape, threshold=probability.max() / 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,22 +136,25 @@ class PostProcessing:
         """From a predictor manifest (which anyone may have edited): every field named, typed and in range."""
         if not isinstance(values, dict):
             raise ValueError(f"postprocessing must be a mapping, got {type(values).__name__}")
-        numeric = {f.name: f.type in (float, "float") for f in fields(cls)}
-        unknown = sorted(set(values) - set(numeric))
+        in_range = {"threshold": lambda v: 0 < v < 1, "temperature": lambda v: 0 < v < 100}  # numeric steps: [0, 1)
+        kinds = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(kinds))
         if unknown:
             raise ValueError(f"postprocessing: unknown step {unknown[0]!r}")
         for name, value in values.items():
-            if numeric[name] and not (type(value) in (int, float) and 0 < value < (1 if name == "threshold" else 100)):
+            ok = in_range.get(name, lambda v: 0 <= v < 1)
+            if kinds[name] in (float, "float") and not (type(value) in (int, float) and ok(value)):
                 raise ValueError(f"postprocessing.{name}: {value!r} is not a number in range")
-            if not numeric[name] and type(value) is not bool:
+            if kinds[name] in (bool, "bool") and type(value) is not bool:
                 raise ValueError(f"postprocessing.{name}: {value!r} is not true or false")
         return cls(**values)
 
     def describe(self) -> str:
-        on = {True: "on", False: "off"}
-        return (f"threshold {self.threshold:g}, flip TTA {on[self.flip_tta]}, largest component "
-                f"{on[self.largest_component]}, label from mask {on[self.label_from_mask]}, mask from label "
-                f"{on[self.mask_from_label]}, temperature {self.temperature:.2f}")
+        def shown(value):
+            return {True: "on", False: "off"}.get(value, f"{value:g}") if type(value) is bool or value else "off"
+
+        steps = ", ".join(f"{step.name.replace('_', ' ')} {shown(getattr(self, step.name))}" for step in STEPS)
+        return f"threshold {self.threshold:g}, {steps}, temperature {self.temperature:.2f}"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

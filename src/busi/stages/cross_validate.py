@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from busi import BusiError, tracking
-from busi.config import Params
+from busi.config import Params, load_grid
 from busi.data.arrays import load_split, read_references
 from busi.distributed import FoldJob, on_ray, run_folds
 from busi.evaluation import figures, postprocessing
@@ -106,7 +106,7 @@ def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, m
     metrics, cases, masks = postprocessing.score(chosen, *ensemble.probabilities(test["images"]), test,
                                                  test_references)
     metrics |= {"ci95": bootstrap_ci(cases, params.evaluate.bootstrap, params.evaluate.seed),
-                "postprocessing": chosen.to_dict() | decisions}
+                "postprocessing": chosen.to_dict() | {"decisions": decisions}}
     result = {"folds": len(folds), "minutes": round((time.perf_counter() - started) / 60, 2),
                "mean": {name: float(np.nanmean([f.get(name, np.nan) for f in per_fold])) for name in FOLD_METRICS},
                "sd": {name: float(np.nanstd([f.get(name, np.nan) for f in per_fold], ddof=1))
@@ -162,3 +162,14 @@ def write_outputs(out_dir: Path, ensemble: Predictor, result: dict, metrics: dic
         with atomic_file(out_dir / name) as tmp:
             table[CASE_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
 
+
+def run(args, params: Params) -> str:
+    grid = load_grid(args.grid, params) if args.grid else None
+    result = cross_validate(args.data, args.splits, args.masks, params, args.out, grid, args.cpus_per_fold,
+                            args.gpus_per_fold)
+    if grid:
+        return "; ".join(f"{name}: validation dice {r['mean']['dice']:.3f}, ensemble test dice "
+                         f"{r['test']['dice']:.3f} (MLflow run {r['run_id']})" for name, r in result.items())
+    folds = ", ".join(f"{k} {result['mean'][k]:.3f} ± {result['sd'][k]:.3f}" for k in ("dice", "f1_weighted"))
+    return (f"{result['folds']} folds, validation {folds}; ensemble test dice {result['test']['dice']:.3f}, "
+            f"f1_weighted {result['test']['f1_weighted']:.3f}; MLflow run {result['run_id']}")

@@ -61,7 +61,7 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
     metrics, cases, masks = postprocessing.score(predictor.postprocessing, *predictor.probabilities(test["images"]),
                                                  test, test_references)
     metrics |= {"ci95": bootstrap_ci(cases, params.bootstrap, params.seed),
-                "postprocessing": predictor.postprocessing.to_dict() | decisions}
+                "postprocessing": predictor.postprocessing.to_dict() | {"decisions": decisions}}
 
     predictor.save(predictor_dir)
     for path, content in ((out_json, metrics), (val_json, val_metrics)):
@@ -93,3 +93,10 @@ def read_history(history_csv: Path) -> pd.DataFrame:
         return pd.read_csv(history_csv)
     except (OSError, ValueError) as err:
         raise BusiError(f"{history_csv}: cannot read the training history ({err}); run `dvc repro train`") from None
+
+
+def run(args, params) -> str:
+    metrics, model_uri = evaluate(args.data, args.masks, args.model, args.train_metrics, args.history,
+                                  params.evaluate, args.out, args.plots, args.figures, args.val_out, args.predictor)
+    return (f"test dice {metrics.get('dice', float('nan')):.3f}, iou {metrics.get('iou', float('nan')):.3f}, "
+            f"f1_weighted {metrics['f1_weighted']:.3f}; predictor in {args.predictor}, MLflow model {model_uri}")

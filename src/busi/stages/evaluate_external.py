@@ -134,3 +134,14 @@ def comparison_table(metrics: dict) -> str:
             lines.append(f"{key:<26}{value:>10.3f}" + (f"{other:>11.3f}{value - other:>+12.3f}" if other is not None
                                                       else f"{'–':>11}{'–':>12}"))
     return "\n".join(lines)
+
+
+def run(args, params) -> str:
+    if args.name not in params.external:
+        raise BusiError(f"{args.params}: external.{args.name}: not configured (configured: "
+                        f"{', '.join(params.external) or 'none'})")
+    metrics = evaluate_external(args.name, params.external[args.name], args.model, params.evaluate, args.out,
+                                args.figures, log=not args.no_mlflow, raw_dir=args.raw, splits_csv=args.splits)
+    return (f"{args.name}: dice {metrics.get('dice', float('nan')):.3f}, dice_per_image "
+            f"{metrics.get('dice_per_image', float('nan')):.3f}, f1_weighted {metrics['f1_weighted']:.3f}; "
+            f"in {args.out}")

@@ -105,3 +105,7 @@ def write_manifest(base: Path, manifest: Path, cases, shown: str, folder: str) -
 def row(base: Path, path: Path, image, values: str) -> list:
     return [path.relative_to(base).as_posix(), file_sha256(path), path.stat().st_size, image.width, image.height,
             image.mode, values]
+
+
+def run(args, params) -> str:
+    return f"{fetch(args.out, params.dataset)} images verified in {args.out}"

@@ -29,3 +29,7 @@ def merge_masks(raw_dir: Path, out_dir: Path) -> int:
                 merged |= mask
             Image.fromarray(merged.astype(np.uint8) * 255).save(tmp / f"{case.image_id}.png")
     return len(cases)
+
+
+def run(args, params) -> str:
+    return f"{merge_masks(args.raw, args.out)} merged masks in {args.out}"

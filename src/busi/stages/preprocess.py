@@ -43,3 +43,8 @@ def preprocess(raw_dir: Path, masks_dir: Path, splits_csv: Path, image_size: int
             )
             counts[split] = len(chosen)
     return counts
+
+
+def run(args, params) -> str:
+    counts = preprocess(args.raw, args.masks, args.splits, params.preprocess.image_size, args.out)
+    return ", ".join(f"{s} {n}" for s, n in counts.items()) + f" at {params.preprocess.image_size} px"

@@ -29,3 +29,6 @@ def source(out_json: Path) -> dict:
     return {**fingerprint, "path": str(path) if path else f"kaggle:{KAGGLE_DATASET}"}
 
 
+def run(args, params) -> str:
+    found = source(args.out)
+    return f"{found['path']} ({found['kind']}{', sha256 ' + found['sha256'][:12] if 'sha256' in found else ''})"

@@ -106,3 +106,10 @@ def assign_folds(rows: list[tuple], params: SplitParams) -> dict[str, int]:
     except ValueError as err:
         raise BusiError(f"params.yaml: split.folds: {err}") from None
     return {ids[i]: fold for fold, (_, held_out) in enumerate(pieces) for i in held_out}
+
+
+def run(args, params) -> str:
+    report = split(args.raw, params.split, args.out, args.report)
+    totals = ", ".join(f"{s} {c['total']}" for s, c in report["counts"].items())
+    return (f"{totals}; {report['groups_with_copies']} groups of several images (copies, frames, cases), "
+            f"{report['conflicts']['groups']} conflicts ({params.split.conflicts})")
