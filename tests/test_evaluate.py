@@ -293,7 +293,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
             "--predictor", str(tmp_path / "predictor")]
     assert main(["--params", str(tmp_path / "params.yaml"), "evaluate", *args]) == 0
     out = capsys.readouterr().out
-    assert "evaluate: test dice" in out and "chosen on validation: threshold 0.5, flip TTA" in out
+    assert "evaluate: test dice" in out and "chosen on validation: threshold 0.5, flip tta" in out
 
     val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
     assert chosen_on == [list(val["ids"])]
@@ -341,7 +341,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
                              "--out", str(tmp_path / "predicted")], cwd=tmp_path, env=run_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "predict: threshold 0.5, flip TTA" in result.stderr and "(from predictor)" in result.stderr
+    assert "predict: threshold 0.5, flip tta" in result.stderr and "(from predictor)" in result.stderr
     records = [json.loads(line) for line in (tmp_path / "predicted" / "predictions.jsonl").read_text().splitlines()]
     assert [r["label"] for r in records] == list(per_image.predicted_label)
     assert [r["lesion_area_px"] for r in records] == list(per_image.predicted_area_px)

@@ -76,15 +76,3 @@ def test_checkpoint_round_trip_and_refuses_non_checkpoints(tmp_path):
     torch.save({"model": model.state_dict(), "config": other.model_dump(mode="json")}, tmp_path / "wrong.pt")
     with pytest.raises(BusiError, match="wrong.pt: the weights do not fit the resnet34 U-Net"):
         load_checkpoint(tmp_path / "wrong.pt")
-
-
-def test_a_checkpoint_of_the_previous_format_still_loads(tmp_path):
-    """Checkpoints written before NetworkConfig kept the whole params file (and some lacked later keys)."""
-    model = build_model(model_params())
-    params = PARAMS.model_dump(mode="json")
-    del params["train"]["ema"], params["evaluate"]["label_from_mask"]
-    torch.save({"model": model.state_dict(), "params": params, "epoch": 3}, tmp_path / "best.pt")
-    loaded, config, state = load_checkpoint(tmp_path)
-    assert config == NETWORK and state["epoch"] == 3
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(),
-                                                  strict=True))

@@ -188,7 +188,7 @@ def test_mlflow_model_uris_load_the_logged_predictor(store, predictor_dir, image
     for uri in (model_uri, f"runs:/{run_id}/model"):
         out = tmp_path / uri.split(":")[0]
         done, failed, applied = predict([images / "l_small.png"], uri, out)
-        assert (done, failed) == (1, 0) and "flip TTA on, largest component on" in applied
+        assert (done, failed) == (1, 0) and "flip tta on, min lesion area off, largest component on" in applied
         record = json.loads((out / "predictions.jsonl").read_text())
         assert record["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
         assert record["lesion_area_px"] == expected["lesion_area_px"] and record["label"] == expected["label"]

@@ -199,32 +199,6 @@ def test_metric_names_make_sections_of_the_run_page():
         "cv/dice_mean": 0.7, "cv/dice_sd": 0.1, "cv/minutes": 3.5}
 
 
-def test_an_experiment_made_by_an_earlier_version_is_marked_as_model_training(repo, tmp_path):
-    client = MlflowClient()
-    experiment_id = client.create_experiment("busi", artifact_location=(tmp_path / "mlruns").as_uri())
-    assert "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags
-    tracking.open_store()
-    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-
-
-def test_runs_logged_under_the_earlier_names_are_still_read(repo):
-    """A store keeps runs of earlier versions: dotted names (`test.dice`, `cv.mean.dice`, curves as `val_loss`)."""
-    client = MlflowClient()
-    experiment_id = client.create_experiment("old")
-    run_id = client.create_run(experiment_id).info.run_id
-    for name, value in {"test.dice": 0.7, "test.ci95.dice.low": 0.6, "test.per_class.malignant.dice": 0.5,
-                        "val.dice": 0.8, "cv.mean.dice": 0.65, "cv.sd.dice": 0.03, "cv.minutes": 18.4}.items():
-        client.log_metric(run_id, name, value)
-    client.log_metric(run_id, "val_loss", 1.5, step=1)
-    run = client.get_run(run_id)
-    assert tracking.has_evaluation(run)
-    assert (tracking.metric(run, "test", "dice"), tracking.metric(run, "test", "dice", "low")) == (0.7, 0.6)
-    assert tracking.metric(run, "test", "per_class.malignant.dice") == 0.5
-    assert tracking.metric(run, "val_eval", "dice") == 0.8
-    assert [tracking.cv_metric(run, "dice", s) for s in ("mean", "sd", "minutes")] == [0.65, 0.03, 18.4]
-    assert tracking.metric_history(run_id, "val_loss") == {1: 1.5}
-
-
 def test_a_run_killed_while_it_was_re_evaluated_keeps_its_last_evaluation(repo):
     """SIGKILL while evaluate adds to a FINISHED training run leaves it RUNNING: the report still counts it when a
     complete evaluation (its model URI tag, set only once a model is fully logged) is there; a training killed

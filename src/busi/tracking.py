@@ -191,8 +191,6 @@ def set_experiment(name: str) -> None:
             db = Path(uri.path[1:])  # sqlite:////abs/mlflow.db or sqlite:///relative/mlflow.db
             artifacts = (db.parent / "mlruns").resolve().as_uri()
         mlflow.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND: "custom_model_development"})
-    elif EXPERIMENT_KIND not in experiment.tags:  # made by an earlier version
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     mlflow.set_experiment(name)
 
 
@@ -245,20 +243,14 @@ def evaluation_names(split: str, metrics: dict) -> dict[str, float]:
     return names
 
 
-# Runs logged before these names (dotted: `test.dice`, `test.ci95.dice.low`, `val.dice`, `cv.mean.dice`, curves
-# as `val_loss`) are still read: a store keeps its history across versions.
-LEGACY_SPLIT = {"test": "test", "val_eval": "val"}
-
-
 def metric(run: Run, split: str, key: str, bound: str | None = None) -> float | None:
     """A run's evaluation metric as evaluation_names named it (`bound`: "low"/"high" of its 95% interval)."""
     name = f"{split}_ci95/{key}_{bound}" if bound else f"{split}_detail/{key}" if "." in key else f"{split}/{key}"
-    legacy = f"{LEGACY_SPLIT.get(split, split)}.{f'ci95.{key}.{bound}' if bound else key}"
-    return run.data.metrics.get(name, run.data.metrics.get(legacy))
+    return run.data.metrics.get(name)
 
 
 def has_evaluation(run: Run) -> bool:
-    return any(name.startswith(("test/", "test.")) for name in run.data.metrics)
+    return any(name.startswith("test/") for name in run.data.metrics)
 
 
 def cv_names(cv: dict) -> dict[str, float]:
@@ -269,8 +261,8 @@ def cv_names(cv: dict) -> dict[str, float]:
 def cv_metric(run: Run, key: str, stat: str) -> float | None:
     """A cross-validation's fold `stat` ("mean", "sd") of `key`, or its "minutes"; None for other runs."""
     if stat == "minutes":
-        return run.data.metrics.get("cv/minutes", run.data.metrics.get("cv.minutes"))
-    return run.data.metrics.get(f"cv/{key}_{stat}", run.data.metrics.get(f"cv.{stat}.{key}"))
+        return run.data.metrics.get("cv/minutes")
+    return run.data.metrics.get(f"cv/{key}_{stat}")
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
@@ -413,14 +405,13 @@ def log_model(predictor_dir: Path, serving) -> str:
 
 
 def download_predictor(uri: str, dst: Path) -> Path:
-    """Download a logged model and return its predictor folder (or, for a model logged by an earlier version,
-    its checkpoint file)."""
+    """Download a logged model and return its predictor folder."""
     mlflow.set_tracking_uri(existing_store())
     try:
         folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst)))
         # The MLmodel file says where log_model put the artifact inside the model folder.
         artifacts = mlflow.models.Model.load(folder).flavors["python_function"]["artifacts"]
-        entry = artifacts.get("predictor") or artifacts["checkpoint"]
+        entry = artifacts["predictor"]
     except (MlflowException, OSError, KeyError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BusiError(f"{uri}: cannot load a busi model from this MLflow URI ({first_line})") from None
@@ -478,6 +469,6 @@ def metric_history(run_id: str, column: str) -> dict[int, float]:
     """{epoch: value} of a history column (`val_loss`); a resumed run may have logged an epoch twice: its last
     value counts."""
     client = mlflow.MlflowClient(tracking_uri())
-    logged = client.get_metric_history(run_id, curve_name(column)) or client.get_metric_history(run_id, column)
+    logged = client.get_metric_history(run_id, curve_name(column))
     metrics = sorted(logged, key=lambda m: (m.step, m.timestamp))
     return {m.step: m.value for m in metrics}

@@ -20,7 +20,7 @@ from busi.model.postprocessing import STEPS, PostProcessing
 from busi.model.predictor import Predictor
 
 
-def rows() -> list[tuple[str, dict]]:
+def ablation_rows() -> list[tuple[str, dict]]:
     """(name, the post-processing fields it sets), added in turn: none, then + each step of STEPS at its `on`."""
     added = [("none", {})]
     for step in STEPS:
@@ -42,7 +42,7 @@ def ablate(models: list[Path], data_dir: Path, masks_dir: Path, threshold: float
                             f"{val['images'].shape[1]} px images; run `dvc repro preprocess` for that size")
         probabilities = {flip: predictor.probabilities(val["images"], flip=flip) for flip in (False, True)}
         step = PostProcessing(threshold=threshold)
-        for name, switch in rows():
+        for name, switch in ablation_rows():
             step = replace(step, **switch)
             metrics = score(step, *probabilities[step.flip_tta], val, references)[0]
             epoch = predictor.provenance["checkpoints"][0]["epoch"]

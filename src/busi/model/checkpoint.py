@@ -23,7 +23,7 @@ def save_checkpoint(path: Path, model: nn.Module, config: NetworkConfig, **extra
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, NetworkConfig, dict]:
     """Rebuild the network of a checkpoint file (or of `best.pt` in a folder); returns it in eval mode, its
-    configuration and the whole stored state. Checkpoints of every earlier version of this project load."""
+    configuration and the whole stored state."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
@@ -35,7 +35,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         # Not PyTorch's message: it advises weights_only=False, which would run code from an untrusted file.
         raise BusiError(f"{path}: not a readable checkpoint (not a PyTorch file of tensors and plain data: "
                         f"{type(err).__name__})") from None
-    if not isinstance(state, dict) or "model" not in state or not ({"config", "params"} & state.keys()):
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise BusiError(f"{path}: not a busi checkpoint (no network configuration beside the weights; "
                         "a bare state dict does not say which network it fits)")
     config = network_config(state, path)
@@ -43,11 +43,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
 
 
 def network_config(state: dict, path: Path) -> NetworkConfig:
-    """The stored configuration; checkpoints written before it existed kept the whole params file instead."""
-    stored = state.get("config") or {"model": state["params"].get("model"),
-                                     "image_size": state["params"].get("preprocess", {}).get("image_size")}
     try:
-        return NetworkConfig.model_validate(stored, strict=False)
+        return NetworkConfig.model_validate(state["config"], strict=False)
     except ValidationError as err:
         first = err.errors()[0]
         raise BusiError(f"{path}: invalid network configuration: {'.'.join(map(str, first['loc']))}: "
