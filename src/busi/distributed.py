@@ -23,6 +23,7 @@ import numpy as np
 
 from busi.config import Params
 from busi.files import atomic_file
+from busi.tracking import TrainingRun
 from busi.training import train
 
 MAX_RETRIES = 3  # a worker process or node that dies: Ray runs the task again
@@ -56,7 +57,7 @@ def run_folds(jobs: list[FoldJob], pool: dict, cpus: float = 1, gpus: float = 0)
             with tempfile.TemporaryDirectory(prefix="busi-fold-") as tmp:
                 write_fold_data(Path(tmp), pool, job.train_rows)
                 train(Path(tmp), job.params, job.out_dir, job.out_dir / "train.json", job.out_dir / "history.csv",
-                      parent_run_id=job.parent_run_id, run_suffix=job.run_suffix, tags=where_tags())
+                      TrainingRun(job.params, job.parent_run_id, job.run_suffix, where_tags()))
         return
     import ray
 
@@ -92,8 +93,9 @@ def train_fold_task(params: dict, fold: int, parent_run_id: str, run_suffix: str
     for split in ("train", "val"):
         with atomic_file(data / f"{split}.npz") as tmp, tmp.open("wb") as handle:
             np.savez(handle, **arrays[split])
-    train(data, Params.model_validate(params), out, out / "train.json", out / "history.csv",
-          parent_run_id=parent_run_id, run_suffix=run_suffix, tags=where_tags())
+    params = Params.model_validate(params)
+    train(data, params, out, out / "train.json", out / "history.csv",
+          TrainingRun(params, parent_run_id, run_suffix, where_tags()))
     files = {name: (out / name).read_bytes() for name in FOLD_FILES}
     shutil.rmtree(work, ignore_errors=True)
     return files

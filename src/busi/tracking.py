@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
@@ -126,6 +127,30 @@ def start_run(params: Params, run_id: str | None = None, parent_run_id: str | No
     run = mlflow.start_run(run_name=name, tags=run_tags | (tags or {}))
     mlflow.log_params(flatten(params.model_dump(mode="json")))
     return run.info.run_id
+
+
+@dataclass
+class TrainingRun:
+    """A training's MLflow run, as the callbacks the training loop calls (busi.training.train): its own run, or a
+    fold's child run of a cross-validation (`parent_run_id`, its name ending in `suffix`); `tags`: where it ran."""
+    params: Params
+    parent_run_id: str | None = None
+    suffix: str = ""
+    tags: dict = field(default_factory=dict)
+
+    def started(self, run_id: str | None) -> str:
+        """The run a training starts, or the one a resumed training (its checkpoint's `run_id`) goes on in."""
+        return start_run(self.params, run_id, self.parent_run_id, self.suffix, self.tags)
+
+    def epoch(self, row: dict[str, float]) -> None:
+        log_epoch(row, row["epoch"])
+
+    def finished(self, history: list[dict[str, float]]) -> None:
+        log_curves(history)
+        end_run()
+
+    def failed(self, err: BaseException) -> None:
+        end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
 
 
 def start_parent_run(params: Params, suffix: str) -> str:

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -35,22 +36,73 @@ MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy, F1, score)
 
 
 def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path, history_path: Path,
-          parent_run_id: str | None = None, run_suffix: str = "", tags: dict | None = None) -> dict:
+          run: tracking.TrainingRun | None = None) -> dict:
     """Train, write best.pt/last.pt in out_dir, the per-epoch history CSV and the summary JSON; returns it.
-    A fold of a cross-validation is an MLflow child of `parent_run_id`, its run name ending in `run_suffix`;
-    `tags`: more MLflow tags (where it ran)."""
+    `run` records the training (MLflow: its own run, or a fold's child run of a cross-validation)."""
     cfg = params.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(thread_count())
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    amp_dtype = autocast_dtype(cfg.precision, device)
     train_arrays, val_arrays = load_split(processed_dir, "train"), load_split(processed_dir, "val")
     if cfg.max_train_images:  # a seeded random subset, for quick smoke runs
         keep = np.random.default_rng(cfg.seed).permutation(len(train_arrays["labels"]))[: cfg.max_train_images]
         train_arrays = {key: value[np.sort(keep)] for key, value in train_arrays.items()}
 
-    # What rebuilds the network: its model section and the size it really trained at (the arrays' own).
-    network = NetworkConfig(model=params.model, image_size=int(train_arrays["images"].shape[1]))
+    parts = build(params, train_arrays, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint, data = params_fingerprint(params), data_fingerprint(train_arrays, val_arrays)
+    slot = resume_slot(out_dir, fingerprint + data)
+    progress = resume(parts, unfinished_state(fingerprint, data, [out_dir / "last.pt", slot], device), cfg.epochs)
+    run = run or tracking.TrainingRun(params)
+
+    def checkpoint(finished: bool) -> None:  # the state a killed training resumes from, every epoch
+        save_checkpoint(out_dir / "last.pt", parts.model, parts.network, epoch=progress.history[-1]["epoch"],
+                        optimizer=parts.optimizer.state_dict(), scheduler=parts.scheduler.state_dict(),
+                        history=progress.history, best=progress.best, run_id=progress.run_id,
+                        fingerprint=fingerprint, data=data, finished=finished,
+                        **({"ema": parts.ema.state_dict()} if parts.ema else {}))
+        keep_for_resume(out_dir / "last.pt", slot, finished)
+
+    progress.run_id = run.started(progress.run_id)
+    try:
+        fit(parts, params, train_arrays, val_arrays, progress, out_dir / "best.pt", checkpoint, run.epoch)
+        write_history(progress.history, history_path)
+        summary = {"run_id": progress.run_id, "fingerprint": fingerprint, "best_epoch": progress.best["epoch"],
+                   "epochs_run": len(progress.history), "monitor": cfg.monitor,
+                   "best": {k: v for k, v in progress.best.items() if k.startswith("val_")}}
+        with atomic_file(metrics_path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException as err:  # a crash, Ctrl-C or SIGTERM: the run says so instead of staying RUNNING
+        run.failed(err)
+        raise
+    run.finished(progress.history)
+    return summary
+
+
+@dataclass
+class Parts:
+    """What the loop trains with, built from the params (`build`)."""
+    network: NetworkConfig  # what rebuilds the network: its model section and the size it really trained at
+    model: nn.Module
+    ema: AveragedModel | None  # the moving average of the weights: what gets validated and saved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    loss_fn: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+
+@dataclass
+class Progress:
+    """How far a training got: what a resumed one starts from."""
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    run_id: str | None = None
+    start: int = 1  # the next epoch
+
+
+def build(params: Params, train_arrays: dict, device: torch.device) -> Parts:
+    cfg = params.train
     torch.manual_seed(cfg.seed)
     model = build_model(params.model).to(device, memory_format=torch.channels_last)
     # The moving average of the weights (BatchNorm statistics included) is what gets validated and saved.
@@ -70,79 +122,67 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
         class_weights = np.ones(len(CLASSES))
     loss_fn = SegmentationLoss(torch.tensor(class_weights, dtype=torch.float32, device=device), cfg.class_loss_weight,
                                cfg.label_smoothing)
+    network = NetworkConfig(model=params.model, image_size=int(train_arrays["images"].shape[1]))
+    return Parts(network, model, ema, optimizer, scheduler, loss_fn, device, autocast_dtype(cfg.precision, device))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint, data = params_fingerprint(params), data_fingerprint(train_arrays, val_arrays)
-    slot = resume_slot(out_dir, fingerprint + data)
-    history, best, run_id, start = [], None, None, 1
-    state = unfinished_state(fingerprint, data, [out_dir / "last.pt", slot], device)
-    if state is not None:  # the same configuration on the same data, killed mid-way: resume
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, run_id, start = state["history"], state["best"], state["run_id"], state["epoch"] + 1
-        print(f"resuming from epoch {state['epoch']} of {cfg.epochs} ({state['path']})")
-    run_id = tracking.start_run(params, run_id, parent_run_id, run_suffix, tags)
 
-    try:
-        augment = train_transform(params.augment, cfg.seed)
-        train_data = SegmentationDataset(train_arrays, augment)
-        val_data = SegmentationDataset(val_arrays)
-        seconds = []  # per epoch, in this process: the ETA
-        for epoch in range(start, cfg.epochs + 1):
-            epoch_started = time.perf_counter()
-            # Seeding per epoch makes a resumed run draw the same batches and augmentations as an uninterrupted one.
-            torch.manual_seed(cfg.seed + epoch)
-            augment.set_random_seed(cfg.seed + epoch)
-            drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
-            batches = loader(train_data, cfg.batch_size, device, cfg.seed + epoch, shuffle=True, drop_last=drop_last,
-                             balanced=cfg.sampling == "balanced")
-            train_stats = run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer, ema, desc=f"epoch {epoch}")
-            val_batches = loader(val_data, cfg.batch_size, device, cfg.seed + epoch)
-            val_stats = run_epoch(ema.module if ema else model, val_batches, loss_fn, device, amp_dtype)
-            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                   **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
-                   "lr": optimizer.param_groups[0]["lr"]}
-            row["val_score"] = (row["val_dice"] + row["val_f1_weighted"]) / 2  # both tasks: a checkpoint for each
-            if ema is not None and cfg.validate_raw:  # the raw weights too, to show what the average adds
-                raw_stats = run_epoch(model, val_batches, loss_fn, device, amp_dtype)
-                row |= {f"val_raw_{k}": raw_stats[k] for k in ("dice", "iou", "accuracy")}
-            history.append(row)
-            tracking.log_epoch(row, epoch)
-            if best is None or is_better(row[cfg.monitor], best[cfg.monitor], cfg.monitor):
-                best = row
-                save_checkpoint(out_dir / "best.pt", ema.module if ema else model, network, epoch=epoch)
-            if cfg.scheduler == "cosine":
-                scheduler.step()
-            else:
-                scheduler.step(row[cfg.monitor])
-            stop = epoch - best["epoch"] >= cfg.patience
-            finished = stop or epoch == cfg.epochs
-            save_checkpoint(out_dir / "last.pt", model, network, epoch=epoch, optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), history=history, best=best, run_id=run_id,
-                            fingerprint=fingerprint, data=data, finished=finished,
-                            **({"ema": ema.state_dict()} if ema else {}))
-            keep_for_resume(out_dir / "last.pt", slot, finished)
-            seconds.append(time.perf_counter() - epoch_started)
-            print(progress_line(row, cfg.epochs, seconds, best, cfg.monitor), flush=True)
-            if stop:
-                print(f"early stop: no better {cfg.monitor} for {cfg.patience} epochs")
-                break
+def resume(parts: Parts, state: dict | None, epochs: int) -> Progress:
+    """The progress of an unfinished training of the same configuration on the same data (`state`, its last.pt),
+    its weights, optimizer and schedule loaded into `parts`; a fresh start when there is none."""
+    if state is None:
+        return Progress()
+    parts.model.load_state_dict(state["model"])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(state["ema"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    print(f"resuming from epoch {state['epoch']} of {epochs} ({state['path']})")
+    return Progress(state["history"], state["best"], state["run_id"], state["epoch"] + 1)
 
-        write_history(history, history_path)
-        summary = {"run_id": run_id, "fingerprint": fingerprint, "best_epoch": best["epoch"],
-                   "epochs_run": len(history), "monitor": cfg.monitor,
-                   "best": {k: v for k, v in best.items() if k.startswith("val_")}}
-        with atomic_file(metrics_path) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tracking.log_curves(history)
-    except BaseException as err:  # a crash, Ctrl-C or SIGTERM: the MLflow run says so instead of staying RUNNING
-        tracking.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    tracking.end_run()
-    return summary
+
+def fit(parts: Parts, params: Params, train_arrays: dict, val_arrays: dict, progress: Progress, best_path: Path,
+        checkpoint, on_epoch) -> None:
+    """The loop: an epoch of training, one of validation (of the EMA weights), best.pt when the monitor improves,
+    `checkpoint(finished)` every epoch, `on_epoch(row)` for the tracker; early stopping after `patience`."""
+    cfg, p = params.train, parts
+    augment = train_transform(params.augment, cfg.seed)
+    train_data, val_data = SegmentationDataset(train_arrays, augment), SegmentationDataset(val_arrays)
+    seconds = []  # per epoch, in this process: the ETA
+    for epoch in range(progress.start, cfg.epochs + 1):
+        epoch_started = time.perf_counter()
+        # Seeding per epoch makes a resumed run draw the same batches and augmentations as an uninterrupted one.
+        torch.manual_seed(cfg.seed + epoch)
+        augment.set_random_seed(cfg.seed + epoch)
+        drop_last = len(train_data) > cfg.batch_size  # a last batch of one image breaks BatchNorm
+        batches = loader(train_data, cfg.batch_size, p.device, cfg.seed + epoch, shuffle=True, drop_last=drop_last,
+                         balanced=cfg.sampling == "balanced")
+        train_stats = run_epoch(p.model, batches, p.loss_fn, p.device, p.amp_dtype, p.optimizer, p.ema,
+                                desc=f"epoch {epoch}")
+        val_batches = loader(val_data, cfg.batch_size, p.device, cfg.seed + epoch)
+        val_stats = run_epoch(p.ema.module if p.ema else p.model, val_batches, p.loss_fn, p.device, p.amp_dtype)
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+               **{f"val_{k}": v for k, v in val_stats.items() if k != "images_per_s"},
+               "lr": p.optimizer.param_groups[0]["lr"]}
+        row["val_score"] = (row["val_dice"] + row["val_f1_weighted"]) / 2  # both tasks: a checkpoint for each
+        if p.ema is not None and cfg.validate_raw:  # the raw weights too, to show what the average adds
+            raw_stats = run_epoch(p.model, val_batches, p.loss_fn, p.device, p.amp_dtype)
+            row |= {f"val_raw_{k}": raw_stats[k] for k in ("dice", "iou", "accuracy")}
+        progress.history.append(row)
+        on_epoch(row)
+        if progress.best is None or is_better(row[cfg.monitor], progress.best[cfg.monitor], cfg.monitor):
+            progress.best = row
+            save_checkpoint(best_path, p.ema.module if p.ema else p.model, p.network, epoch=epoch)
+        if cfg.scheduler == "cosine":
+            p.scheduler.step()
+        else:
+            p.scheduler.step(row[cfg.monitor])
+        stop = epoch - progress.best["epoch"] >= cfg.patience
+        checkpoint(finished=stop or epoch == cfg.epochs)
+        seconds.append(time.perf_counter() - epoch_started)
+        print(progress_line(row, cfg.epochs, seconds, progress.best, cfg.monitor), flush=True)
+        if stop:
+            print(f"early stop: no better {cfg.monitor} for {cfg.patience} epochs")
+            break
 
 
 def progress_line(row: dict, epochs: int, seconds: list[float], best: dict, monitor: str) -> str:
