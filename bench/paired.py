@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/paired.py NEW_per_image.csv OLD_per_image.csv [--resamples 2000]
 
 e.g. the default model against an earlier one: `git show REV:metrics/plots/per_image.csv > old.csv`, then
-`bench/paired.py metrics/plots/per_image.csv old.csv`. Prints, per metric of busi.evaluation.metrics.PAIRED,
+`bench/paired.py metrics/plots/per_image.csv old.csv`. Prints, per paired metric of busi.evaluation.metrics.METRICS,
 new, old, new - old with its 95% paired-bootstrap interval and p (the same draw of images for both models).
 """
 
@@ -11,7 +11,7 @@ import argparse
 
 import pandas as pd
 
-from busi.evaluation.metrics import PAIRED, paired_bootstrap, paired_values
+from busi.evaluation.metrics import keys, paired_bootstrap, value
 
 
 def main() -> None:
@@ -25,10 +25,10 @@ def main() -> None:
     comparison = paired_bootstrap(new, old, args.resamples, args.seed)
     print(f"{len(new)} images, {args.resamples} paired resamples")
     print("| metric | new | old | new - old [95% CI] | p |\n|---|---|---|---|---|")
-    for name in PAIRED:
+    for name in keys("paired"):
         c = comparison[name]
         beyond = " *" if c["low"] > 0 or c["high"] < 0 else ""
-        print(f"| {name} | {paired_values(new, name):.3f} | {paired_values(old, name):.3f} | "
+        print(f"| {name} | {value(new, name):.3f} | {value(old, name):.3f} | "
               f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{beyond} | {c['p']:.3f} |")
 
 

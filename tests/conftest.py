@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from busi.config import load_params
+from busi.evaluation.metrics import METRICS, Metric
 from busi.stages.merge_masks import merge_masks
 from busi.stages.preprocess import preprocess
 from busi.stages.split import split
@@ -268,3 +269,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if SLOW_LEFT_OUT and config.getoption("markexpr") == "not slow":
         terminalreporter.write_line(f'{len(SLOW_LEFT_OUT)} slow tests not run (real archive, DVC, servers, trainings): '
                                     'python -m pytest -m "slow or not slow" runs every test, as CI does')
+
+
+@pytest.fixture
+def extra_metric():
+    """A metric added as a user would: one entry appended to METRICS (removed afterwards)."""
+    extra = Metric("lesions_drawn", "lesions drawn", lambda cases: float((cases["predicted_area_px"] > 0).mean()),
+                   interval=True, paired=True, fold=True, tolerance=0.1)
+    METRICS.append(extra)
+    yield extra
+    METRICS.remove(extra)

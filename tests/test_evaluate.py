@@ -16,15 +16,17 @@ import torch
 
 from busi import CLASSES, BusiError, tracking
 from busi.cli import main
+from busi.commands.check_metrics import check_metrics
 from busi.config import EvaluateParams, NetworkConfig
 from busi.data.arrays import read_references
-from busi.data.busi_layout import find_root, scan
+from busi.data.layouts.busi import find_root, scan
 from busi.evaluation.figures import cases_figure
+from busi.evaluation.metric_files import write_metrics
 from busi.evaluation.metrics import (
     METRICS,
-    PAIRED,
     bootstrap_ci,
     classification_metrics,
+    keys,
     paired_bootstrap,
     per_class_metrics,
     segmentation_metrics,
@@ -473,6 +475,22 @@ def test_label_from_mask_is_forced_or_decided_on_validation(tmp_path):
     assert decide(head_says((missed, right)), val, references, params(**fixed))[0].label_from_mask is False
 
 
+def test_a_new_metric_is_one_entry_of_metrics(tmp_path, extra_metric):
+    references = [square(2, 2), square(8, 8), EMPTY, EMPTY]
+    arrays, masks_dir = make_split(tmp_path, references, ["benign", "malignant", "normal", "normal"])
+    predicted = np.stack([square(2, 2), EMPTY, square(4, 4), EMPTY]).astype(np.float32)  # lesions drawn on 2 of 4
+    heads = np.tile([0.6, 0.3, 0.1], (4, 1))
+    metrics, cases, _ = score(PostProcessing(), predicted, heads, arrays, read_references(masks_dir, arrays))
+    assert metrics["lesions_drawn"] == 0.5  # in every split's metrics, so in the metrics files
+    assert set(bootstrap_ci(cases, 50, 0)["lesions_drawn"]) == {"low", "high"}
+    assert paired_bootstrap(cases, cases, 20, 0)["lesions_drawn"]["difference"] == 0
+    assert "lesions_drawn" in keys("fold")  # a cross-validation's mean ± sd
+    write_metrics(tmp_path / "test.json", metrics)
+    assert json.loads((tmp_path / "test.json").read_text())["lesions_drawn"] == 0.5
+    write_metrics(tmp_path / "new.json", metrics | {"lesions_drawn": 0.3})  # the CI gate: dropped by 0.2 > 0.1
+    assert "lesions_drawn" in check_metrics(tmp_path / "new.json", tmp_path / "test.json")[1]
+
+
 def test_paired_bootstrap_on_constructed_models(tmp_path):
     """Two models on the same 40 images: identical models differ by exactly nothing; a model that finds every
     lesion beats one that misses half of them, beyond noise, in Dice and F1."""
@@ -484,7 +502,7 @@ def test_paired_bootstrap_on_constructed_models(tmp_path):
                        labels)
     half["predicted_label"] = [label if i % 2 else "normal" for i, label in enumerate(labels)]
     same = paired_bootstrap(good, good.sample(frac=1, random_state=0), resamples=200, seed=0)  # order is free
-    assert same == {name: {"difference": 0.0, "low": 0.0, "high": 0.0, "p": 1.0} for name in PAIRED}
+    assert same == {name: {"difference": 0.0, "low": 0.0, "high": 0.0, "p": 1.0} for name in keys("paired")}
     better = paired_bootstrap(good, half, resamples=500, seed=0)
     assert better["dice"]["difference"] == pytest.approx(1 - 2 * 720 / (2 * 720 + 720))  # pooled: B has tp 720 of 1440
     assert 0 < better["dice"]["low"] < better["dice"]["difference"] < better["dice"]["high"]

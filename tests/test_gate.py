@@ -5,8 +5,11 @@ import sys
 import pytest
 
 from busi import BusiError
-from busi.commands.check_metrics import TOLERANCES, check_metrics
+from busi.commands.check_metrics import check_metrics
+from busi.evaluation.metrics import METRICS
 from conftest import PARAMS_FILE, run_env
+
+TOLERANCES = {metric.key: metric.tolerance for metric in METRICS if metric.tolerance is not None}
 
 BASELINE = {"dice": 0.70, "iou": 0.55, "pixel_accuracy": 0.96, "dice_per_image": 0.60, "f1_weighted": 0.74,
             "accuracy": 0.73, "per_class": {"malignant": {"dice": 0.7}}}

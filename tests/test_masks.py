@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from busi import BusiError
-from busi.data.busi_layout import read_mask
+from busi.data.images import read_mask
 from busi.stages.merge_masks import merge_masks
 from synthetic import COUNTS
 

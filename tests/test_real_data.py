@@ -6,7 +6,7 @@ import csv
 import pytest
 
 from busi.config import load_params
-from busi.data.busi_layout import find_root, scan
+from busi.data.layouts.busi import find_root, scan
 from busi.stages.fetch import fetch
 from busi.stages.merge_masks import merge_masks
 from busi.stages.split import split

@@ -117,6 +117,11 @@ def test_table_has_one_row_per_evaluated_run_beside_the_study(store, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["study.md", "study_val_curves.png"]  # no temporaries
 
 
+def test_a_new_metric_is_a_column_of_the_report(store, tmp_path, extra_metric):
+    text = report(tmp_path / "study.md", None).read_text()
+    assert "| normal FP rate | lesions drawn |" in text  # the runs table's header: METRICS in order
+
+
 def test_figure_overlays_every_finished_runs_validation_curves(store):
     root, summaries = store
     runs, _, _ = tracking.finished_runs("busi")

@@ -27,6 +27,15 @@ NEEDS_PARAMS = {"source", "fetch", "split", "preprocess", "train", "cross-valida
                 "ablate"}
 
 
+# The pipeline's files, as the options of the commands that read them (`--data data/processed`, ...).
+PIPELINE_FILES = {
+    "raw": ("data/raw", "fetch's output"),
+    "masks": ("data/masks", "merge-masks' output"),
+    "splits": ("data/splits.csv", "split's output"),
+    "data": ("data/processed", "preprocess' output"),
+}
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Descriptions as written, and every option's default after its help (none for options without one)."""
 
@@ -46,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
                               help="parameters file (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
+    def command(name: str, summary: str, details: str = "", reads: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         parents = [params_after] if name in NEEDS_PARAMS else []
-        return commands.add_parser(name, help=summary, description=f"{summary}.\n\n{details}".strip(),
-                                   formatter_class=HelpFormatter, parents=parents)
+        cmd = commands.add_parser(name, help=summary, description=f"{summary}.\n\n{details}".strip(),
+                                  formatter_class=HelpFormatter, parents=parents)
+        for option in reads:  # the pipeline files it reads
+            default, what = PIPELINE_FILES[option]
+            cmd.add_argument(f"--{option}", type=Path, default=Path(default), help=what)
+        return cmd
 
     cmd = command("source", "fingerprint the archive's content for DVC (stage source)",
                   "The archive is $BUSI_ARCHIVE (a .zip or an extracted folder) or, when it is unset, Kaggle's\n"
@@ -64,36 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
                   "Every image and mask is checked before the previous output is replaced.")
     cmd.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder")
 
-    cmd = command("merge-masks", "OR each image's mask files into one 0/255 mask (stage merge_masks)")
-    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="fetch's output")
+    cmd = command("merge-masks", "OR each image's mask files into one 0/255 mask (stage merge_masks)",
+                  reads=("raw",))
     cmd.add_argument("--out", type=Path, default=Path("data/masks"), help="output folder")
 
     cmd = command("split", "group-aware stratified train/val/test split and cross-validation folds (stage split)",
-                  "Copies of one scan (re-crops, re-scales) are found and kept in one split; params: split.")
-    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="fetch's output")
+                  "Copies of one scan (re-crops, re-scales) are found and kept in one split; params: split.",
+                  reads=("raw",))
     cmd.add_argument("--out", type=Path, default=Path("data/splits.csv"), help="one row per image: split, fold")
     cmd.add_argument("--report", type=Path, default=Path("metrics/split.json"), help="counts, copies, conflicts")
 
     cmd = command("preprocess", "grayscale, resize and pack each split into one .npz (stage preprocess)",
-                  "Images bilinear, masks nearest, to preprocess.image_size.")
-    cmd.add_argument("--raw", type=Path, default=Path("data/raw"), help="fetch's output")
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
-    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="split's output")
+                  "Images bilinear, masks nearest, to preprocess.image_size.",
+                  reads=("raw", "masks", "splits"))
     cmd.add_argument("--out", type=Path, default=Path("data/processed"), help="output folder")
 
     cmd = command("train", "train the U-Net, tracked in MLflow, resumable (stage train)",
                   "Params: model, augment, train. A killed training resumes from last.pt when the params are the\n"
-                  "same. Records go to MLflow (./mlflow.db or $MLFLOW_TRACKING_URI).")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
+                  "same. Records go to MLflow (./mlflow.db or $MLFLOW_TRACKING_URI).",
+                  reads=("data",))
     cmd.add_argument("--out", type=Path, default=Path("models"), help="checkpoint folder (best.pt, last.pt)")
     cmd.add_argument("--metrics", type=Path, default=Path("metrics/train.json"), help="summary: best epoch, run id")
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"), help="per-epoch curves")
 
     cmd = command("evaluate", "decide the post-processing on validation, score the test split (stage evaluate)",
                   "Metrics at the original resolution with 95% intervals, plots, figures, and the predictor (the\n"
-                  "model predict and serving use), all also logged to the training's MLflow run.")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
+                  "model predict and serving use), all also logged to the training's MLflow run.",
+                  reads=("masks", "data"))
     cmd.add_argument("--model", type=Path, default=Path("models"), help="train's checkpoint folder")
     cmd.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"), help="train's summary")
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"), help="train's curves")
@@ -112,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "nothing is trained or decided on it. Writes <NAME>.json, <NAME>_detail.json and\n"
                   "<NAME>_per_image.csv in --out and a figure of the best and worst cases, and logs them to the\n"
                   "model's MLflow run as external_<NAME>/. The DVC stage evaluate_external runs it for every\n"
-                  "configured dataset.")
+                  "configured dataset.",
+                  reads=("splits",))
     cmd.add_argument("name", help="the dataset's name under external: in params")
     cmd.add_argument("--model", default="predictor", help="the evaluate stage's predictor folder, another "
                      "predictor (cv/results/predictor), or an MLflow model URI")
@@ -120,16 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--figures", type=Path, default=Path("reports/figures"), help="where the figure goes")
     cmd.add_argument("--raw", type=Path, default=Path("data/raw"),
                      help="fetch's output: its train and val images must not be in the dataset")
-    cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="split's output")
     cmd.add_argument("--no-mlflow", action="store_true",
                      help="neither log to MLflow nor compare with the BUSI test metrics (a model without a run)")
 
     cmd = command("cross-validate", "train every fold of train+val, score the fold ensemble once on test",
                   "The stage of cv/dvc.yaml (`dvc repro cv/dvc.yaml`). Each fold is an MLflow child run of one\n"
-                  "parent run; the post-processing is decided on the out-of-fold predictions.")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
+                  "parent run; the post-processing is decided on the out-of-fold predictions.",
+                  reads=("masks", "data"))
     cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="split's output (its fold column)")
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
     cmd.add_argument("--out", type=Path, default=Path("cv/results"),
                      help="folds/ (checkpoints), predictor/ (the fold ensemble), cv.json, test.json, per_image.csv")
     cmd.add_argument("--grid", type=Path,
@@ -164,10 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--baseline", default=None, help="run name of the recipe the recipe table compares others "
                      "with (default: the oldest cross-validation with out-of-fold predictions)")
 
-    cmd = command("ablate", "validation metrics as each post-processing step is added (never the test split)")
+    cmd = command("ablate", "validation metrics as each post-processing step is added (never the test split)",
+                  reads=("masks", "data"))
     cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
-    cmd.add_argument("--data", type=Path, default=Path("data/processed"), help="preprocess' output")
-    cmd.add_argument("--masks", type=Path, default=Path("data/masks"), help="merge-masks' output")
 
     cmd = command("check-metrics", "fail when test metrics drop below a baseline beyond tolerance (the CI gate)")
     cmd.add_argument("new", type=Path, help="new metrics JSON (e.g. metrics/test.json)")

@@ -55,7 +55,7 @@ def run_folds(jobs: list[FoldJob], pool: dict, cpus: float = 1, gpus: float = 0)
             print(f"cross-validate: {job.out_dir.parent.parent.name}{job.run_suffix} ({(~job.train_rows).sum()} held "
                   f"out, {job.train_rows.sum()} to train)", flush=True)
             with tempfile.TemporaryDirectory(prefix="busi-fold-") as tmp:
-                write_fold_data(Path(tmp), pool, job.train_rows)
+                write_arrays(Path(tmp), fold_arrays(pool, job.train_rows))
                 train(Path(tmp), job.params, job.out_dir, job.out_dir / "train.json", job.out_dir / "history.csv",
                       TrainingRun(job.params, job.parent_run_id, job.run_suffix, where_tags()))
         return
@@ -71,7 +71,7 @@ def run_folds(jobs: list[FoldJob], pool: dict, cpus: float = 1, gpus: float = 0)
         folds = {}
         for job in jobs:
             if job.fold not in folds:
-                folds[job.fold] = ray.put({"train": subset(pool, job.train_rows), "val": subset(pool, ~job.train_rows)})
+                folds[job.fold] = ray.put(fold_arrays(pool, job.train_rows))
         pending = {task.remote(job.params.model_dump(mode="json"), job.fold, job.parent_run_id, job.run_suffix,
                                folds[job.fold]): job for job in jobs}
         while pending:
@@ -89,10 +89,7 @@ def train_fold_task(params: dict, fold: int, parent_run_id: str, run_suffix: str
     parent run and fold, so a retry here after the worker died resumes from the last finished epoch."""
     work = Path(tempfile.gettempdir()) / "busi-ray-folds" / f"{parent_run_id}{run_suffix}"
     data, out = work / "data", work / "out"
-    data.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val"):
-        with atomic_file(data / f"{split}.npz") as tmp, tmp.open("wb") as handle:
-            np.savez(handle, **arrays[split])
+    write_arrays(data, arrays)
     params = Params.model_validate(params)
     train(data, params, out, out / "train.json", out / "history.csv",
           TrainingRun(params, parent_run_id, run_suffix, where_tags()))
@@ -110,9 +107,17 @@ def where_tags() -> dict[str, str]:
     return tags
 
 
-def write_fold_data(folder: Path, pool: dict, train_rows: np.ndarray) -> None:
-    np.savez(folder / "train.npz", **subset(pool, train_rows))
-    np.savez(folder / "val.npz", **subset(pool, ~train_rows))
+def fold_arrays(pool: dict, train_rows: np.ndarray) -> dict[str, dict]:
+    """A fold's training data as preprocess lays it out: {"train": arrays, "val": the held-out arrays}."""
+    return {"train": subset(pool, train_rows), "val": subset(pool, ~train_rows)}
+
+
+def write_arrays(folder: Path, splits: dict[str, dict]) -> None:
+    """`<split>.npz` in `folder` for each split, as training reads them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, arrays in splits.items():
+        with atomic_file(folder / f"{split}.npz") as tmp, tmp.open("wb") as handle:
+            np.savez(handle, **arrays)
 
 
 def subset(arrays: dict, rows) -> dict:

@@ -10,8 +10,6 @@ from pathlib import Path
 from busi import BusiError
 from busi.evaluation.metrics import METRICS, lookup
 
-TOLERANCES = {metric.key: metric.tolerance for metric in METRICS if metric.tolerance is not None}
-
 
 def read_metrics(path: Path) -> dict:
     try:
@@ -43,7 +41,7 @@ def check_metrics(new_path: Path, baseline_path: Path) -> tuple[str, list[str]]:
     new, baseline = read_metrics(new_path), read_metrics(baseline_path)
     rows = ["| metric | baseline | new | change | tolerance | status |", "|---|---|---|---|---|---|"]
     regressed = []
-    for key, tolerance in TOLERANCES.items():
+    for key, tolerance in ((m.key, m.tolerance) for m in METRICS if m.tolerance is not None):
         before, after = number(baseline, key, baseline_path), number(new, key, new_path)
         change = after - before
         ok = change >= -tolerance

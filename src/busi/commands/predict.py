@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from busi import CLASSES, BusiError
-from busi.data.busi_layout import read_gray
+from busi.data.images import read_gray
 from busi.files import atomic_file
 from busi.model.postprocessing import STEPS, PostProcessing
 from busi.model.predictor import Prediction, load_model

@@ -25,11 +25,9 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 
 from busi import BusiError, tracking
-from busi.evaluation.metrics import METRICS, PROBABILITY_COLUMNS, bootstrap_ci, paired_bootstrap, summary
+from busi.evaluation.metrics import METRICS, PROBABILITY_COLUMNS, bootstrap_ci, keys, paired_bootstrap, summary
 from busi.files import atomic_file
 
-# (metric under test.<key>, column title); the first four are the study's columns.
-COLUMNS = [(metric.key, metric.title) for metric in METRICS]
 # The study's Table 1, test split, as printed there: model, IoU, Dice, pixel accuracy, weighted F1.
 STUDY = [["VGG16 + attention", "0.41", "0.58", "0.95", "0.877"],
          ["VGG19 + attention", "0.51", "0.67", "0.95", "0.82"],
@@ -96,12 +94,12 @@ def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished:
                                         rank(tracking.metric(run, "test", "dice"))))
     not_evaluated = [run for run in finished if not is_evaluated(run)]
     header = ["run", "encoder", "attention", "weights", "size", "epochs (run / best)", "val Dice", "val F1",
-              *(t for _, t in COLUMNS)]
+              *(metric.title for metric in METRICS)]
     rows = [[f"{run.info.run_name} (`{run.info.run_id[:8]}`)", param(run, "model.encoder"),
              param(run, "model.attention"), param(run, "model.encoder_weights"),
              param(run, "preprocess.image_size"), epochs(run, curves[run.info.run_id]),
              *(plain(tracking.metric(run, "val_eval", key)) for key in ("dice", "f1_weighted")),
-             *(with_interval(run, key) for key, _ in COLUMNS)] for run in evaluated]
+             *(with_interval(run, metric.key) for metric in METRICS)] for run in evaluated]
     lines = [
         "# BUSI segmentation: our runs beside the study",
         "",
@@ -123,7 +121,7 @@ def markdown(name: str, uri: str, finished: list[Run], curves: dict, unfinished:
     lines += [
         "## The study's Table 1 (test split), for reference",
         "",
-        *table(["model", *(title for _, title in COLUMNS[:4])], STUDY),
+        *table(["model", *(metric.title for metric in METRICS[:4])], STUDY),  # the study's columns
         "",
         "## Validation curves",
         "",
@@ -174,7 +172,6 @@ def cv_section(runs: list[Run]) -> str:
 
 RECIPE_METRICS = [("f1_weighted", "weighted F1"), ("dice_per_image", "per-image Dice"),
                   ("auc_malignant_vs_benign", "malignant AUC"), ("normal_fp_rate", "normal FP rate"), ("ece", "ECE")]
-RECIPE_PAIRED = [("f1_weighted", "weighted F1"), ("dice_per_image", "per-image Dice")]
 LEVER_SECTIONS = ("preprocess.", "model.", "augment.", "train.", "evaluate.")
 RECIPE_RESAMPLES = 1000
 
@@ -194,17 +191,17 @@ def recipe_section(runs: list[Run], baseline: str | None) -> str:
     base = (named or runs)[0]
     header = ["recipe (what differs from the baseline)", "images",
               *(f"{title} [95% CI]" for _, title in RECIPE_METRICS),
-              *(f"Δ {title} vs baseline [95% CI], p" for _, title in RECIPE_PAIRED)]
+              *(f"Δ {metric.title} vs baseline [95% CI], p" for metric in METRICS if metric.paired)]
     rows = []
     for run in [base, *(run for run in runs if run is not base)]:
         cases = tables[run.info.run_id]
         metrics = summary(cases, cases[PROBABILITY_COLUMNS].to_numpy(float))
         intervals = bootstrap_ci(cases, RECIPE_RESAMPLES, PAIRED_SEED)
         if run is base:
-            paired = ["(baseline)"] * len(RECIPE_PAIRED)
+            paired = ["(baseline)"] * len(keys("paired"))
         else:
             comparison = paired_bootstrap(cases, tables[base.info.run_id], PAIRED_RESAMPLES, PAIRED_SEED)
-            paired = [difference(comparison[key]) for key, _ in RECIPE_PAIRED]
+            paired = [difference(comparison[key]) for key in keys("paired")]
         rows.append([f"{run.info.run_name} (`{run.info.run_id[:8]}`): {lever(run, base)}", str(len(cases)),
                      *(interval_cell(metrics.get(key), intervals.get(key)) for key, _ in RECIPE_METRICS), *paired])
     return "\n".join([

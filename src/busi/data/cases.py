@@ -2,7 +2,7 @@
 index that fetch writes beside the data (data/raw/cases.csv) and every later stage reads, and the reading of one
 case with the checks every stage relies on.
 
-Layouts: `busi` (busi.data.busi_layout) and `folders` (busi.data.folders_layout); params: dataset.
+Layouts: busi.data.layouts (LAYOUTS); params: dataset.
 """
 
 import csv
@@ -14,23 +14,21 @@ import numpy as np
 
 from busi import BusiError
 from busi.config import DatasetParams
-from busi.data import busi_layout, folders_layout
-from busi.data.busi_layout import Case, binarize_mask, mask_levels, read_gray
+from busi.data.images import Case, binarize_mask, mask_levels, read_gray
+from busi.data.layouts import LAYOUTS, busi
 
 INDEX = "cases.csv"
 MANIFEST = "manifest.csv"  # every file fetch wrote, with its size and hash
-FOLDER = {"busi": busi_layout.DATASET_DIR, "folders": "dataset"}  # where fetch puts the data inside data/raw
+FOLDER = {name: layout.FOLDER for name, layout in LAYOUTS.items()}  # where fetch puts the data inside data/raw
 
 
 def find_root(folder: Path, dataset: DatasetParams) -> Path:
     """The dataset's root inside a source folder (or an unpacked archive)."""
-    if dataset.layout == "busi":
-        return busi_layout.find_root(folder)
-    return folders_layout.find_root(folder, dataset)
+    return LAYOUTS[dataset.layout].find_root(folder, dataset)
 
 
 def scan(root: Path, dataset: DatasetParams) -> list[Case]:
-    return busi_layout.scan(root) if dataset.layout == "busi" else folders_layout.scan(root, dataset)
+    return LAYOUTS[dataset.layout].scan(root, dataset)
 
 
 def write_index(cases: list[Case], base: Path, path: Path) -> None:
@@ -47,7 +45,7 @@ def read_cases(raw_dir: Path) -> list[Case]:
     """The cases of fetch's output (its index), or of a BUSI-layout folder given directly."""
     raw_dir = Path(raw_dir)
     if not (raw_dir / INDEX).is_file():
-        return busi_layout.scan(busi_layout.find_root(raw_dir))
+        return busi.scan(busi.find_root(raw_dir))
     with (raw_dir / INDEX).open(newline="") as f:
         return [Case(row["image_id"], row["label"], raw_dir / row["image"],
                      tuple(raw_dir / mask for mask in json.loads(row["masks"])), row["group"])

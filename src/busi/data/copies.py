@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from busi.data.busi_layout import read_mask
+from busi.data.images import read_mask
 
 WORK_HEIGHT = 320  # every image is resized to this height: bounds the work, keeps tissue detail
 N_FEATURES = 600  # ORB keypoints per image: BUSI copies keep > 90 RANSAC inliers, 0.5 re-scales included

@@ -1,10 +1,12 @@
 """Metrics as pure functions of predicted and reference masks and labels (no files, no model, no MLflow).
 
-`METRICS` lists what every consumer shows: the evaluate stage's intervals, `report`'s and `ablate`'s columns
-and the CI gate's tolerances all come from it, so a new metric is added here and nowhere else.
+`METRICS` lists what every consumer shows, each entry computing itself from the per-image table: the bootstrap
+intervals, the paired comparisons, the fold summaries of a cross-validation, `report`'s and `ablate`'s columns
+and the CI gate's tolerances all iterate it, so a new metric is one entry here and nowhere else.
 """
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,22 +20,47 @@ from busi import CLASSES
 class Metric:
     key: str  # dotted key in metrics/test.json and metrics/val.json
     title: str
-    interval: bool = False  # a 95% bootstrap interval is computed (top-level keys only)
+    of: Callable[[pd.DataFrame], float | None]  # its value on a per-image table (CASE_COLUMNS); None: undefined
+    interval: bool = False  # a 95% bootstrap interval is computed
+    paired: bool = False  # two models are compared on it, image by image (paired bootstrap)
+    fold: bool = False  # a cross-validation reports its mean ± sd over the folds
     tolerance: float | None = None  # the CI gate fails when it drops by more (higher is better); None: not gated
 
 
-METRICS = (  # the study's four columns first
-    Metric("iou", "IoU", interval=True, tolerance=0.03),
-    Metric("dice", "Dice", interval=True, tolerance=0.03),
-    Metric("pixel_accuracy", "pixel acc.", tolerance=0.01),
-    Metric("f1_weighted", "weighted F1", interval=True, tolerance=0.05),
-    Metric("dice_per_image", "per-image Dice", interval=True, tolerance=0.03),
-    Metric("accuracy", "accuracy", tolerance=0.05),
-    Metric("auc_malignant_vs_benign", "malignant AUC", interval=True),  # defined without normal images too
-    Metric("ece", "ECE", interval=True),  # calibration error of the class probabilities: lower is better
-    Metric("per_class.malignant.dice", "malignant Dice"),
-    Metric("normal_fp_rate", "normal FP rate"),
-)
+def segmentation(key: str, label: str | None = None) -> Callable[[pd.DataFrame], float | None]:
+    """A metric of segmentation_metrics, over every image or over those of one class."""
+    return lambda cases: segmentation_metrics(cases if label is None else cases[cases["label"] == label]).get(key)
+
+
+METRICS = [  # the study's four columns first
+    Metric("iou", "IoU", segmentation("iou"), interval=True, fold=True, tolerance=0.03),
+    Metric("dice", "Dice", segmentation("dice"), interval=True, paired=True, fold=True, tolerance=0.03),
+    Metric("pixel_accuracy", "pixel acc.", segmentation("pixel_accuracy"), tolerance=0.01),
+    Metric("f1_weighted", "weighted F1", lambda cases: f1_weighted(cases["label"], cases["predicted_label"]),
+           interval=True, paired=True, fold=True, tolerance=0.05),
+    Metric("dice_per_image", "per-image Dice", segmentation("dice_per_image"), interval=True, paired=True, fold=True,
+           tolerance=0.03),
+    Metric("accuracy", "accuracy", lambda cases: float((cases["label"] == cases["predicted_label"]).mean()),
+           fold=True, tolerance=0.05),
+    Metric("auc_malignant_vs_benign", "malignant AUC",  # defined without normal images too
+           lambda cases: malignant_vs_benign(cases).get("auc_malignant_vs_benign"), interval=True),
+    Metric("ece", "ECE", lambda cases: expected_calibration_error(cases), interval=True),  # lower is better
+    Metric("per_class.malignant.dice", "malignant Dice", segmentation("dice", "malignant")),
+    Metric("normal_fp_rate", "normal FP rate", segmentation("normal_fp_rate")),
+]
+
+
+def keys(flag: str) -> list[str]:
+    """The keys of the metrics with `flag` ("interval", "paired", "fold") set, read when needed (not at import)."""
+    return [metric.key for metric in METRICS if getattr(metric, flag)]
+
+
+def value(cases: pd.DataFrame, key: str) -> float:
+    """Metric `key` of METRICS on `cases`; NaN where it is undefined (no lesion, one class, no image)."""
+    found = next(metric for metric in METRICS if metric.key == key).of(cases) if len(cases) else None
+    return np.nan if found is None else float(found)
+
+
 # The per-image table (metrics/plots/per_image.csv, the MLflow table): the pixel counts and class probabilities
 # let every metric be recomputed over any subset of images (bootstrap, paired comparisons).
 PROBABILITY_COLUMNS = [f"p_{name}" for name in CLASSES]
@@ -75,9 +102,13 @@ def case_table(ids, labels, predicted_labels, predictions: list[np.ndarray], ref
 
 
 def summary(cases: pd.DataFrame, class_probabilities: np.ndarray) -> dict:
-    """Every metric of one split: segmentation, classification, and both per class."""
-    return {"images": len(cases), **segmentation_metrics(cases), **classification_metrics(cases, class_probabilities),
-            "per_class": per_class_metrics(cases)}
+    """Every metric of one split: segmentation, classification, both per class, and every other top-level entry of
+    METRICS (computed by the entry itself)."""
+    metrics = {"images": len(cases), **segmentation_metrics(cases),
+               **classification_metrics(cases, class_probabilities), "per_class": per_class_metrics(cases)}
+    others = {metric.key: value(cases, metric.key) for metric in METRICS
+              if "." not in metric.key and metric.key not in metrics}
+    return metrics | {key: found for key, found in others.items() if not np.isnan(found)}
 
 
 def segmentation_metrics(cases: pd.DataFrame) -> dict[str, float]:
@@ -168,7 +199,7 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) ->
     """95% percentile intervals of every `interval` metric over `resamples` draws of images with replacement
     (pooled metrics are recomputed over each draw's pixels). With `groups` (one per image, e.g. the patient), whole
     groups are drawn: images of one patient are not independent. A metric undefined in a draw skips that draw."""
-    names = [metric.key for metric in METRICS if metric.interval]
+    names = keys("interval")
     if not resamples or not len(cases):
         return {}
     rng = np.random.default_rng(seed)
@@ -178,10 +209,7 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) ->
     for _ in range(resamples):
         picked = rng.integers(0, len(rows_of), len(rows_of))
         sample = cases.iloc[[row for i in picked for row in rows_of[i]]]
-        values = (segmentation_metrics(sample) | malignant_vs_benign(sample)
-                  | {"f1_weighted": f1_weighted(sample["label"], sample["predicted_label"]),
-                     "ece": expected_calibration_error(sample)})
-        draws.append([values.get(name, np.nan) for name in names])
+        draws.append([value(sample, name) for name in names])
     with warnings.catch_warnings():  # an all-NaN column (no lesion at all) gives NaN, dropped below
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanpercentile(np.array(draws), [2.5, 97.5], axis=0)
@@ -189,11 +217,8 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) ->
             for name, lo, hi in zip(names, low, high, strict=True) if np.isfinite(lo)}
 
 
-PAIRED = ("dice", "f1_weighted", "dice_per_image")  # what two models are compared on, image by image
-
-
 def paired_bootstrap(cases_a: pd.DataFrame, cases_b: pd.DataFrame, resamples: int, seed: int) -> dict:
-    """Model A minus model B on the same images, for each metric of PAIRED: the difference, its 95% percentile
+    """Model A minus model B on the same images, for each `paired` metric: the difference, its 95% percentile
     interval over `resamples` draws of images with replacement (the same draw for both models: the pairing),
     and a two-sided bootstrap p-value (twice the share of draws on the far side of zero, at most 1). A
     difference is beyond noise when its interval excludes zero."""
@@ -201,23 +226,17 @@ def paired_bootstrap(cases_a: pd.DataFrame, cases_b: pd.DataFrame, resamples: in
     b = cases_b.set_index("image_id").reindex(a.index)
     if b["label"].isna().any() or len(a) != len(cases_b):
         raise ValueError("paired comparison needs the same images on both sides")
-    rng = np.random.default_rng(seed)
+    rng, paired = np.random.default_rng(seed), keys("paired")
     draws = []
     for _ in range(resamples):
         rows = rng.integers(0, len(a), len(a))
-        draws.append([paired_values(a.iloc[rows], name) - paired_values(b.iloc[rows], name) for name in PAIRED])
-    draws = np.array(draws, dtype=float).reshape(-1, len(PAIRED))
+        draws.append([value(a.iloc[rows], name) - value(b.iloc[rows], name) for name in paired])
+    draws = np.array(draws, dtype=float).reshape(-1, len(paired))
     out = {}
-    for i, name in enumerate(PAIRED):
+    for i, name in enumerate(paired):
         column = draws[:, i][np.isfinite(draws[:, i])]
         low, high = np.percentile(column, [2.5, 97.5]) if len(column) else (np.nan, np.nan)
         tail = min((column <= 0).mean(), (column >= 0).mean()) if len(column) else np.nan
-        out[name] = {"difference": float(paired_values(a, name) - paired_values(b, name)), "low": float(low),
+        out[name] = {"difference": float(value(a, name) - value(b, name)), "low": float(low),
                      "high": float(high), "p": float(min(1.0, 2 * tail))}
     return out
-
-
-def paired_values(cases: pd.DataFrame, name: str) -> float:
-    if name == "f1_weighted":
-        return f1_weighted(cases["label"], cases["predicted_label"])
-    return segmentation_metrics(cases).get(name, np.nan)

@@ -8,14 +8,19 @@ A new post-processing step is an entry of busi.model.postprocessing.STEPS (with 
 """
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from busi import BusiError
 from busi.config import EvaluateParams
 from busi.evaluation import metrics
+from busi.evaluation.figures import cases_figure
+from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
+from busi.files import atomic_file
 from busi.model.postprocessing import STEPS, PostProcessing, softmax, step_settings
 
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8), 241))  # 1.5% apart
@@ -35,6 +40,28 @@ def score(postprocessing: PostProcessing, probabilities: np.ndarray, class_proba
     masks, labels, class_probabilities = postprocessing.apply(probabilities, class_probabilities, arrays["sizes"])
     cases = metrics.case_table(arrays["ids"], arrays["labels"], labels, masks, references, class_probabilities)
     return metrics.summary(cases, class_probabilities), cases, masks
+
+
+@dataclass
+class Scored:
+    """A split scored for a report: its metrics with 95% intervals, the per-image cases, the cases figure."""
+    metrics: dict
+    cases: pd.DataFrame
+    figure: Figure
+
+    def write_cases(self, path: Path, columns: list[str] = CASE_COLUMNS) -> None:
+        with atomic_file(path) as tmp:
+            self.cases[columns].to_csv(tmp, index=False, float_format="%.6f")
+
+
+def score_split(postprocessing: PostProcessing, probabilities: tuple[np.ndarray, np.ndarray], arrays: dict,
+                references: list[np.ndarray], params: EvaluateParams, groups: list | None = None,
+                title: str = "Test cases") -> Scored:
+    """The one way evaluate, cross-validate and evaluate-external score a split they report: `score`, then the
+    bootstrap intervals (resampling `groups` whole, e.g. patients, where given) and the best and worst cases."""
+    metrics, cases, masks = score(postprocessing, *probabilities, arrays, references)
+    metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed, groups)
+    return Scored(metrics, cases, cases_figure(cases, arrays, references, masks, params.figure_cases, title=title))
 
 
 def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], val: dict, references: list,

@@ -25,7 +25,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from busi import CLASSES, BusiError
-from busi.data.busi_layout import decode_gray
+from busi.data.images import decode_gray
 from busi.model.predictor import load_predictor
 
 MAX_REQUEST_IMAGE_BYTES = 32 * 2**20  # one encoded image; larger is refused before decoding

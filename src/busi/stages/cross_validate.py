@@ -23,15 +23,13 @@ import torch
 from busi import BusiError, tracking
 from busi.config import Params, load_grid
 from busi.data.arrays import load_split, read_references
-from busi.distributed import FoldJob, on_ray, run_folds
-from busi.evaluation import figures, postprocessing
-from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci, lookup, summary
+from busi.distributed import FoldJob, on_ray, run_folds, subset
+from busi.evaluation import postprocessing
+from busi.evaluation.metrics import CASE_COLUMNS, keys, value
 from busi.files import atomic_file
 from busi.model import serving
 from busi.model.predictor import Predictor
 from busi.training import is_trained
-
-FOLD_METRICS = ("dice", "iou", "dice_per_image", "f1_weighted", "accuracy")  # mean ± sd over the folds
 
 
 def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Params, out_dir: Path,
@@ -96,25 +94,23 @@ def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, m
     chosen, decisions = postprocessing.decide(lambda flip: stacked[flip], pool, references, params.evaluate)
     print(f"cross-validate: chosen on the out-of-fold predictions: {chosen.describe()}", flush=True)
     oof_metrics, oof_cases, _ = postprocessing.score(chosen, *stacked[chosen.flip_tta], pool, references)
-    per_fold = [fold_metrics(oof_cases, stacked[chosen.flip_tta][1], fold_of == fold) for fold in folds]
+    per_fold = [fold_metrics(oof_cases[fold_of == fold]) for fold in folds]
 
     ensemble = Predictor(networks, configs, chosen, {"mlflow_run_id": parent, "folds": folds,
                                                      "checkpoints": [f"folds/fold-{f}/best.pt" for f in folds]})
     print(f"cross-validate: scoring the {len(folds)}-fold ensemble on {len(test['labels'])} test images",
           flush=True)
-    test_references = read_references(masks_dir, test)
-    metrics, cases, masks = postprocessing.score(chosen, *ensemble.probabilities(test["images"]), test,
-                                                 test_references)
-    metrics |= {"ci95": bootstrap_ci(cases, params.evaluate.bootstrap, params.evaluate.seed),
-                "postprocessing": chosen.to_dict() | {"decisions": decisions}}
+    scored = postprocessing.score_split(chosen, ensemble.probabilities(test["images"]), test,
+                                        read_references(masks_dir, test), params.evaluate)
+    metrics, cases = scored.metrics, scored.cases
+    metrics["postprocessing"] = chosen.to_dict() | {"decisions": decisions}
     result = {"folds": len(folds), "minutes": round((time.perf_counter() - started) / 60, 2),
-               "mean": {name: float(np.nanmean([f.get(name, np.nan) for f in per_fold])) for name in FOLD_METRICS},
+               "mean": {name: float(np.nanmean([f.get(name, np.nan) for f in per_fold])) for name in keys("fold")},
                "sd": {name: float(np.nanstd([f.get(name, np.nan) for f in per_fold], ddof=1))
-                      for name in FOLD_METRICS},
+                      for name in keys("fold")},
                "per_fold": dict(zip(map(str, folds), per_fold, strict=True)), "oof": oof_metrics}
     write_outputs(out_dir, ensemble, result, metrics, cases, oof_cases)
-    drawn = {"figure2_contours.png": figures.cases_figure(cases, test, test_references, masks,
-                                                          params.evaluate.figure_cases)}
+    drawn = {"figure2_contours.png": scored.figure}
     tables = {"test_per_image.json": cases[CASE_COLUMNS], "oof_per_image.json": oof_cases[CASE_COLUMNS]}
     model_uri = tracking.log_evaluation(parent, metrics, oof_metrics, tables, drawn, out_dir / "predictor",
                                         serving, cv=result)
@@ -140,13 +136,10 @@ def concatenate(*splits: dict) -> dict:
     return {key: np.concatenate([split[key] for split in splits]) for key in splits[0]}
 
 
-def subset(arrays: dict, rows) -> dict:
-    return {key: value[rows] for key, value in arrays.items()}
-
-
-def fold_metrics(cases: pd.DataFrame, class_probabilities: np.ndarray, held: np.ndarray) -> dict:
-    metrics = summary(cases[held].reset_index(drop=True), class_probabilities[held])
-    return {name: lookup(metrics, name) for name in FOLD_METRICS if lookup(metrics, name) is not None}
+def fold_metrics(cases: pd.DataFrame) -> dict:
+    """The `fold` metrics of METRICS on one fold's held-out images (those defined there)."""
+    values = {name: value(cases, name) for name in keys("fold")}
+    return {name: v for name, v in values.items() if not np.isnan(v)}
 
 
 def write_outputs(out_dir: Path, ensemble: Predictor, result: dict, metrics: dict, cases: pd.DataFrame,

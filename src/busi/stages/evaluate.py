@@ -17,7 +17,7 @@ from busi.config import EvaluateParams
 from busi.data.arrays import load_split, read_references
 from busi.evaluation import figures, postprocessing
 from busi.evaluation.metric_files import write_metrics
-from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
+from busi.evaluation.metrics import CASE_COLUMNS
 from busi.files import atomic_file
 from busi.model import serving
 from busi.model.predictor import Predictor
@@ -57,21 +57,18 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
                                         val, val_references)[0] if len(val["labels"]) else {"images": 0})
 
     print(f"evaluate: scoring {len(test['labels'])} test images", flush=True)
-    test_references = read_references(masks_dir, test)
-    metrics, cases, masks = postprocessing.score(predictor.postprocessing, *predictor.probabilities(test["images"]),
-                                                 test, test_references)
-    metrics |= {"ci95": bootstrap_ci(cases, params.bootstrap, params.seed),
-                "postprocessing": predictor.postprocessing.to_dict() | {"decisions": decisions}}
+    scored = postprocessing.score_split(predictor.postprocessing, predictor.probabilities(test["images"]), test,
+                                        read_references(masks_dir, test), params)
+    metrics, cases = scored.metrics, scored.cases
+    metrics["postprocessing"] = predictor.postprocessing.to_dict() | {"decisions": decisions}
 
     predictor.save(predictor_dir)
     for path, content in ((out_json, metrics), (val_json, val_metrics)):
         write_metrics(path, content)
-    with atomic_file(Path(plots_dir) / "per_image.csv") as tmp:
-        cases[CASE_COLUMNS].to_csv(tmp, index=False, float_format="%.6f")
+    scored.write_cases(Path(plots_dir) / "per_image.csv")
     with atomic_file(Path(plots_dir) / "confusion.csv") as tmp:
         pd.DataFrame({"actual": cases["label"], "predicted": cases["predicted_label"]}).to_csv(tmp, index=False)
-    drawn = {FIGURE_1: figures.training_figure(history),
-             FIGURE_2: figures.cases_figure(cases, test, test_references, masks, params.figure_cases)}
+    drawn = {FIGURE_1: figures.training_figure(history), FIGURE_2: scored.figure}
     for name, figure in drawn.items():
         with atomic_file(Path(figures_dir) / name) as tmp:
             figure.savefig(tmp, format="png", dpi=120)  # the temporary name has no .png to infer it from

@@ -19,12 +19,12 @@ from busi import CLASSES, BusiError
 from busi.config import EvaluateParams, ExternalDataset
 from busi.data.archive import file_sha256, refuse_links, safe_extract
 from busi.data.cases import INDEX, MANIFEST, find_root, read_case, read_cases, scan
-from busi.evaluation import figures, postprocessing
+from busi.evaluation import postprocessing
 from busi.evaluation.metric_files import write_metrics
-from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
+from busi.evaluation.metrics import CASE_COLUMNS
 from busi.files import atomic_file
 
-MAX_IMAGES = 100_000  # an external set of 100,000 images at most (each image is within busi_layout.MAX_PIXELS)
+MAX_IMAGES = 100_000  # an external set of 100,000 images at most (each image is within busi.data.images.MAX_PIXELS)
 
 
 def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: EvaluateParams, out_dir: Path,
@@ -42,11 +42,11 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
     counts = ", ".join(f"{np.count_nonzero(arrays['labels'] == i)} {c}" for i, c in enumerate(CLASSES))
     print(f"evaluate-external: {name}: {len(references)} images ({counts}); "
           f"{predictor.postprocessing.describe()} (chosen on BUSI validation)", flush=True)
-    metrics, cases, masks = postprocessing.score(predictor.postprocessing, *predictor.probabilities(arrays["images"]),
-                                                 arrays, references)
     # Images of one patient are not independent: where the dataset names the patients, whole patients are drawn.
     groups = [group or image_id for group, image_id in zip(arrays["groups"], arrays["ids"], strict=True)]
-    metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed, groups)
+    scored = postprocessing.score_split(predictor.postprocessing, predictor.probabilities(arrays["images"]), arrays,
+                                        references, params, groups, title=f"External: {name}")
+    metrics, cases = scored.metrics, scored.cases
     if run is not None:
         busi_test = {key: tracking.metric(run, "test", key) for key, value in metrics.items()
                      if isinstance(value, int | float) and key != "images"}
@@ -56,18 +56,16 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
 
     out_dir, figures_dir = Path(out_dir), Path(figures_dir)
     write_metrics(out_dir / f"{name}.json", metrics)
-    with atomic_file(out_dir / f"{name}_per_image.csv") as tmp:
-        cases[["case", *CASE_COLUMNS]].to_csv(tmp, index=False, float_format="%.6f")
-    figure = figures.cases_figure(cases, arrays, references, masks, params.figure_cases, title=f"External: {name}")
+    scored.write_cases(out_dir / f"{name}_per_image.csv", ["case", *CASE_COLUMNS])
     with atomic_file(figures_dir / f"external_{name}_cases.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=120)
+        scored.figure.savefig(tmp, format="png", dpi=120)
     print(comparison_table(metrics))
     if run is not None:
         print(f"evaluate-external: logging to MLflow run {run.info.run_id} as {tracking.external_section(name)}/",
               flush=True)
         tracking.log_external(run.info.run_id, name, {k: v for k, v in metrics.items()
                                                       if k not in ("busi_test", "difference")},
-                              cases[["case", *CASE_COLUMNS]], figure)
+                              cases[["case", *CASE_COLUMNS]], scored.figure)
     return metrics
 
 

@@ -21,8 +21,8 @@ import numpy as np
 from busi import BusiError
 from busi.config import DatasetParams
 from busi.data.archive import KAGGLE_DATASET, archive_path, file_sha256, refuse_links, safe_extract
-from busi.data.busi_layout import binarize_mask, mask_levels, open_image
 from busi.data.cases import FOLDER, INDEX, MANIFEST, find_root, scan, write_index
+from busi.data.images import binarize_mask, mask_levels, open_image
 from busi.files import atomic_dir
 
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"

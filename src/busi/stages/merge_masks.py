@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image
 
 from busi import BusiError
-from busi.data.busi_layout import read_mask
 from busi.data.cases import read_cases
+from busi.data.images import read_mask
 from busi.files import atomic_dir
 
 

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 
 from busi import CLASSES, SPLITS, BusiError
-from busi.data.busi_layout import read_gray
 from busi.data.cases import read_cases
+from busi.data.images import read_gray
 from busi.files import atomic_dir
 
 

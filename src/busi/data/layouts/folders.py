@@ -15,9 +15,10 @@ from pathlib import Path
 
 from busi import CLASSES, BusiError
 from busi.config import DatasetParams
-from busi.data.busi_layout import Case
+from busi.data.images import Case
 
 MAX_LABELS_BYTES = 50 * 2**20  # a labels CSV of 100,000 images is a few MB
+FOLDER = "dataset"  # where fetch puts it inside data/raw
 SAFE_ID = re.compile(r"^[^/\\\x00-\x1f]{1,200}$")
 
 
