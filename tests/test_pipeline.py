@@ -6,6 +6,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import mlflow
@@ -223,3 +224,22 @@ def test_a_killed_dvc_exp_run_resumes_its_training_and_its_mlflow_run(dvc_repo):
             if run.data.params.get("train.epochs") == "40"]
     assert [(run.info.run_id, run.info.status) for run in runs] == [(killed[0].info.run_id, "FINISHED")]
     assert not list((repo / ".resume").glob("*.pt"))
+
+
+def test_the_suite_passes_after_a_dvc_exp_run_changed_the_workspace(dvc_repo):
+    """`dvc exp run -S model.encoder=vgg19` rewrites the workspace's params.yaml; the tests read the committed one,
+    so the suite run right after it (here a test that names the encoder in its run names) still passes."""
+    repo, env = dvc_repo
+    shutil.copytree(REPO / "tests", repo / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pytest.ini", repo / "pytest.ini")
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the tests", cwd=repo)
+    sh("dvc", "exp", "run", "-S", "model.encoder=vgg19", "-S", "train.max_train_images=8", cwd=repo, env=env)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["encoder"] == "vgg19"  # the workspace
+
+    test = "tests/test_cross_validate.py::test_every_fold_trains_and_the_ensemble_is_one_predictor"  # resnet18-…
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", test],
+                          cwd=repo, env={**env, "PYTHONPATH": str(repo / "src")}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "1 passed" in done.stdout

@@ -14,6 +14,7 @@ All pairs -> union-find groups.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -217,7 +218,9 @@ def find_copy_pairs(paths: Mapping[str, Path], masks: Mapping[str, tuple[Path, .
     ids = sorted(paths)
     if len(ids) < 2:
         return []
-    with Pool(2) as pool:  # PNG decoding dominates; two cores halve it
+    # PNG decoding dominates; two cores halve it. The workers take SIGTERM's default: the pool ends them with it,
+    # which the command's own handler (Ctrl-C semantics, busi.cli) would print as a traceback in each.
+    with Pool(2, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
         feats = pool.starmap(_features, [(paths[i], tuple((masks or {}).get(i, ()))) for i in ids], chunksize=16)
     found = []
     for i, j in sorted(_shortlist(_votes(feats))):
