@@ -1,5 +1,6 @@
 """The command line: an installed `busi` command, help on every command and option, --params where users put it."""
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import venv
 
 import pytest
 
-from busi.cli import NEEDS_PARAMS, build_parser, main
+from busi.cli import COMMANDS, NEEDS_PARAMS, build_parser, main
 from conftest import REPO
 
 
@@ -16,6 +17,12 @@ def subcommands():
     parser = build_parser()
     action = next(a for a in parser._actions if a.dest == "command")
     return action.choices
+
+
+def test_every_command_has_a_module_with_run():
+    assert set(COMMANDS) == set(subcommands())
+    for name, module in COMMANDS.items():
+        assert callable(getattr(importlib.import_module(module), "run", None)), f"{name}: {module} has no run()"
 
 
 def test_the_install_gives_a_busi_command_that_runs_anywhere(tmp_path):

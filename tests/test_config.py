@@ -19,6 +19,7 @@ def write_params(path, change):
 
 def test_repository_params_are_valid():
     params = load_params(PARAMS_FILE)
+    check_steps(PARAMS_FILE, params)
     assert params.preprocess.image_size % 32 == 0
     assert params.split.fractions.train + params.split.fractions.val + params.split.fractions.test == 1
 

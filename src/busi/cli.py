@@ -208,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_steps(path: Path, params) -> None:
-    """evaluate.postprocessing names steps of busi.model.postprocessing.STEPS (checked here rather than in
-    busi.config, which every stage imports: the steps' module is a dependency of evaluation only)."""
+    """evaluate.postprocessing names steps of busi.model.postprocessing.STEPS. Checked here, with the rest of
+    params.yaml before any stage runs, rather than in busi.config, which every stage imports: the steps' module
+    is validation only for the data and training stages (their outputs do not depend on it), so their dvc.yaml
+    deps need not list it."""
     try:
         step_settings(params.evaluate.postprocessing)
     except ValueError as err:

@@ -157,7 +157,7 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     threshold: float = Field(gt=0, lt=1)  # on the lesion probability
     # step -> auto (decided on the validation split) | on | off | a value; a step left out is off. The steps, and
-    # what each accepts, are busi.model.postprocessing.STEPS (checked by check_steps there).
+    # what each accepts, are busi.model.postprocessing.STEPS (checked by busi.cli.check_steps).
     postprocessing: dict[str, str | bool | float] = {}
     calibration: Literal["temperature", "off"] = "off"  # class probabilities: one temperature fitted on validation
     bootstrap: int = Field(ge=0)  # resamples for the 95% confidence intervals; 0 turns them off

@@ -72,10 +72,10 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
                    "best": {k: v for k, v in progress.best.items() if k.startswith("val_")}}
         with atomic_file(metrics_path) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        run.finished(progress.history)
     except BaseException as err:  # a crash, Ctrl-C or SIGTERM: the run says so instead of staying RUNNING
         run.failed(err)
         raise
-    run.finished(progress.history)
     return summary
 
 

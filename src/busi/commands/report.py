@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 
 from busi import BusiError, tracking
-from busi.evaluation.metrics import METRICS, PROBABILITY_COLUMNS, bootstrap_ci, keys, paired_bootstrap, summary
+from busi.evaluation.metrics import METRICS, PROBABILITY_COLUMNS, bootstrap_ci, paired_bootstrap, summary
 from busi.files import atomic_file
 
 # The study's Table 1, test split, as printed there: model, IoU, Dice, pixel accuracy, weighted F1.
@@ -172,6 +172,7 @@ def cv_section(runs: list[Run]) -> str:
 
 RECIPE_METRICS = [("f1_weighted", "weighted F1"), ("dice_per_image", "per-image Dice"),
                   ("auc_malignant_vs_benign", "malignant AUC"), ("normal_fp_rate", "normal FP rate"), ("ece", "ECE")]
+RECIPE_PAIRED = ("f1_weighted", "dice_per_image")  # the recipe table's paired differences (metrics of METRICS)
 LEVER_SECTIONS = ("preprocess.", "model.", "augment.", "train.", "evaluate.")
 RECIPE_RESAMPLES = 1000
 
@@ -191,17 +192,17 @@ def recipe_section(runs: list[Run], baseline: str | None) -> str:
     base = (named or runs)[0]
     header = ["recipe (what differs from the baseline)", "images",
               *(f"{title} [95% CI]" for _, title in RECIPE_METRICS),
-              *(f"Δ {metric.title} vs baseline [95% CI], p" for metric in METRICS if metric.paired)]
+              *(f"Δ {metric.title} vs baseline [95% CI], p" for metric in METRICS if metric.key in RECIPE_PAIRED)]
     rows = []
     for run in [base, *(run for run in runs if run is not base)]:
         cases = tables[run.info.run_id]
         metrics = summary(cases, cases[PROBABILITY_COLUMNS].to_numpy(float))
         intervals = bootstrap_ci(cases, RECIPE_RESAMPLES, PAIRED_SEED)
         if run is base:
-            paired = ["(baseline)"] * len(keys("paired"))
+            paired = ["(baseline)"] * len(RECIPE_PAIRED)
         else:
             comparison = paired_bootstrap(cases, tables[base.info.run_id], PAIRED_RESAMPLES, PAIRED_SEED)
-            paired = [difference(comparison[key]) for key in keys("paired")]
+            paired = [difference(comparison[key]) for key in RECIPE_PAIRED]
         rows.append([f"{run.info.run_name} (`{run.info.run_id[:8]}`): {lever(run, base)}", str(len(cases)),
                      *(interval_cell(metrics.get(key), intervals.get(key)) for key, _ in RECIPE_METRICS), *paired])
     return "\n".join([

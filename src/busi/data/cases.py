@@ -15,7 +15,7 @@ import numpy as np
 from busi import BusiError
 from busi.config import DatasetParams
 from busi.data.images import Case, binarize_mask, mask_levels, read_gray
-from busi.data.layouts import LAYOUTS, busi
+from busi.data.layouts import LAYOUTS
 
 INDEX = "cases.csv"
 MANIFEST = "manifest.csv"  # every file fetch wrote, with its size and hash
@@ -45,7 +45,7 @@ def read_cases(raw_dir: Path) -> list[Case]:
     """The cases of fetch's output (its index), or of a BUSI-layout folder given directly."""
     raw_dir = Path(raw_dir)
     if not (raw_dir / INDEX).is_file():
-        return busi.scan(busi.find_root(raw_dir))
+        return LAYOUTS["busi"].scan(LAYOUTS["busi"].find_root(raw_dir))
     with (raw_dir / INDEX).open(newline="") as f:
         return [Case(row["image_id"], row["label"], raw_dir / row["image"],
                      tuple(raw_dir / mask for mask in json.loads(row["masks"])), row["group"])

@@ -68,7 +68,8 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
            params: EvaluateParams) -> tuple[PostProcessing, dict]:
     """The post-processing for `params` on the validation split: steps set on/off (or to a value) in params are
     taken as given; each `auto` step, in the order of STEPS, is tried at each of its values on top of the steps
-    decided before it, and keeps the value with the highest mean of its criterion (a tie keeps "off").
+    decided before it, and keeps the value with the highest mean of its criterion (a tie keeps the earlier value,
+    "off" first).
     `probabilities_of(flip)` predicts the validation images. Returns the post-processing and the validation
     figures behind each decision ({step: {value: score}})."""
     try:

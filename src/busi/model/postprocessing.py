@@ -23,7 +23,8 @@ class Step:
     # mean of these validation metrics; a tie keeps the earlier value.
     criterion: tuple[str, ...]
     values: tuple = (False, True)
-    excludes: tuple[str, ...] = ()  # steps switched off while this one is on (and not decided while they are)
+    # steps this one replaces: `auto` does not try it while one of them is on, and `busi ablate` switches them off
+    excludes: tuple[str, ...] = ()
 
     @property
     def on(self):

@@ -28,6 +28,7 @@ from busi.evaluation import postprocessing
 from busi.evaluation.metrics import CASE_COLUMNS, keys, value
 from busi.files import atomic_file
 from busi.model import serving
+from busi.model.postprocessing import step_settings
 from busi.model.predictor import Predictor
 from busi.training import is_trained
 
@@ -158,6 +159,11 @@ def write_outputs(out_dir: Path, ensemble: Predictor, result: dict, metrics: dic
 
 def run(args, params: Params) -> str:
     grid = load_grid(args.grid, params) if args.grid else None
+    for name, config in (grid or {}).items():  # before any fold trains
+        try:
+            step_settings(config.evaluate.postprocessing)
+        except ValueError as err:
+            raise BusiError(f"{args.grid}: {name}: {err}") from None
     result = cross_validate(args.data, args.splits, args.masks, params, args.out, grid, args.cpus_per_fold,
                             args.gpus_per_fold)
     if grid:
