@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from busi import BusiError
-from busi.cli import check_steps
+from busi.cli import check_tables
 from busi.config import load_params
 from conftest import PARAMS_FILE, run_env
 
@@ -19,7 +19,7 @@ def write_params(path, change):
 
 def test_repository_params_are_valid():
     params = load_params(PARAMS_FILE)
-    check_steps(PARAMS_FILE, params)
+    check_tables(PARAMS_FILE, params)
     assert params.preprocess.image_size % 32 == 0
     assert params.split.fractions.train + params.split.fractions.val + params.split.fractions.test == 1
 
@@ -47,7 +47,7 @@ def test_repository_params_are_valid():
 def test_invalid_params_name_the_parameter(tmp_path, change, message):
     path = write_params(tmp_path / "params.yaml", change)
     with pytest.raises(BusiError, match=message.replace("+", r"\+")):
-        check_steps(path, load_params(path))
+        check_tables(path, load_params(path))
 
 
 def test_cli_refuses_invalid_params_before_any_work(tmp_path):

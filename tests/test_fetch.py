@@ -1,5 +1,6 @@
 import csv
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -7,12 +8,18 @@ import sys
 import time
 import zipfile
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from busi import BusiError
+from busi.cli import check_tables
+from busi.config import load_params
+from busi.data.cases import read_cases
+from busi.data.images import Case
+from busi.data.layouts import LAYOUTS
 from busi.stages.fetch import fetch
 from busi.stages.merge_masks import merge_masks
 from conftest import run_env
@@ -192,3 +199,33 @@ def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(project, b
     fetch_fails(project, busi_folder, "normal (2).png: image larger than the limit of 50,000,000 pixels")
     huge_png_header(busi_folder / "normal/normal (2).png", 8000, 7000)  # above the limit, below PIL's own
     fetch_fails(project, busi_folder, "normal (2).png: image of 8000x7000 is larger than the limit of 50,000,000")
+
+
+def test_a_new_layout_is_one_module_and_one_entry(project, busi_folder, tmp_path, monkeypatch):
+    """A layout as a user adds one: a module with FOLDER, find_root and scan, registered in LAYOUTS. Here every file
+    in one folder, `<label>__<n>.png` beside its `<label>__<n>_mask.png`. Params accept it, fetch reads it, and
+    every later stage reads fetch's index, whatever the layout."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in sorted(busi_folder.rglob("*).png"))[::5]:  # a few images of each class, with their masks
+        stem = f"{image.parent.name}__{image.stem.split('(')[1].rstrip(')')}"
+        shutil.copy(image, flat / f"{stem}.png")
+        shutil.copy(image.with_name(f"{image.stem}_mask.png"), flat / f"{stem}_mask.png")
+
+    def scan(root, dataset):
+        return [Case(path.stem, path.stem.split("__")[0], path, (path.with_name(f"{path.stem}_mask.png"),))
+                for path in sorted(root.glob("*.png")) if not path.stem.endswith("_mask")]
+
+    monkeypatch.setitem(LAYOUTS, "flat", SimpleNamespace(FOLDER="flat", find_root=lambda folder, d: folder, scan=scan))
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("  layout: busi", "  layout: flat"))
+    check_tables(params, load_params(params))  # params accept the registered name
+    monkeypatch.setenv("BUSI_ARCHIVE", str(flat))
+    count = fetch(project / "data/raw", load_params(params).dataset)
+    assert count == len(list(flat.glob("*_mask.png"))) and (project / "data/raw/flat").is_dir()
+    assert {case.label for case in read_cases(project / "data/raw")} == {"benign", "malignant", "normal"}
+    assert merge_masks(project / "data/raw", project / "data/masks") == count
+
+    params.write_text(params.read_text().replace("  layout: flat", "  layout: flta"))
+    with pytest.raises(BusiError, match=r"dataset.layout: 'flta' is not a layout \(layouts: busi, folders, flat\)"):
+        check_tables(params, load_params(params))

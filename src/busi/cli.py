@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from busi import BusiError
 from busi.config import load_params
+from busi.data.layouts import LAYOUTS
 from busi.model.postprocessing import STEPS, step_settings
 
 # Commands that read params.yaml; the others run from any directory without one.
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params) if args.command in NEEDS_PARAMS else None  # validated before any work
         if params:
-            check_steps(args.params, params)
+            check_tables(args.params, params)
         summary = run(args, params)
     except BusiError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -207,15 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_steps(path: Path, params) -> None:
-    """evaluate.postprocessing names steps of busi.model.postprocessing.STEPS. Checked here, with the rest of
-    params.yaml before any stage runs, rather than in busi.config, which every stage imports: the steps' module
-    is validation only for the data and training stages (their outputs do not depend on it), so their dvc.yaml
-    deps need not list it."""
+def check_tables(path: Path, params) -> None:
+    """The parameters whose choices are the library's tables: evaluate.postprocessing (the steps of
+    busi.model.postprocessing.STEPS) and each dataset's layout (busi.data.layouts.LAYOUTS). Checked here, with the
+    rest of params.yaml before any stage runs, rather than in busi.config, which every stage imports: for a
+    stage that does not use them this is validation only (its outputs do not depend on the tables), so its
+    dvc.yaml deps need not list them."""
     try:
         step_settings(params.evaluate.postprocessing)
     except ValueError as err:
         raise BusiError(f"{path}: {err}") from None
+    datasets = {"dataset": params.dataset} | {f"external.{name}": d for name, d in params.external.items()}
+    for where, dataset in datasets.items():
+        if dataset.layout not in LAYOUTS:
+            raise BusiError(f"{path}: {where}.layout: {dataset.layout!r} is not a layout (layouts: "
+                            f"{', '.join(LAYOUTS)})")
 
 
 def interrupt(signum, frame):

@@ -32,7 +32,7 @@ class DatasetParams(Section):
     """How a dataset is laid out. `busi`: Kaggle's BUSI (class folders, `<id>_mask[_N].png` beside each image).
     `folders`: one folder of images and one of masks, paired by the name rules, and a CSV of labels (one row per
     image; other columns are ignored). A normal image may have no mask file (no lesion)."""
-    layout: Literal["busi", "folders"] = "busi"
+    layout: str = "busi"  # a name of busi.data.layouts.LAYOUTS (checked by busi.cli.check_tables)
     images: str = "images"  # folders layout: the images' folder, relative to the dataset's root
     masks: str = "masks"  # the masks' folder
     image_name: str = "{id}.png"  # an image's file name; {id} is the id column's value
@@ -157,7 +157,7 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     threshold: float = Field(gt=0, lt=1)  # on the lesion probability
     # step -> auto (decided on the validation split) | on | off | a value; a step left out is off. The steps, and
-    # what each accepts, are busi.model.postprocessing.STEPS (checked by busi.cli.check_steps).
+    # what each accepts, are busi.model.postprocessing.STEPS (checked by busi.cli.check_tables).
     postprocessing: dict[str, str | bool | float] = {}
     calibration: Literal["temperature", "off"] = "off"  # class probabilities: one temperature fitted on validation
     bootstrap: int = Field(ge=0)  # resamples for the 95% confidence intervals; 0 turns them off

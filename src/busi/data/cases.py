@@ -19,16 +19,22 @@ from busi.data.layouts import LAYOUTS
 
 INDEX = "cases.csv"
 MANIFEST = "manifest.csv"  # every file fetch wrote, with its size and hash
-FOLDER = {name: layout.FOLDER for name, layout in LAYOUTS.items()}  # where fetch puts the data inside data/raw
+
+
+def layout(dataset: DatasetParams):
+    """The layout module `dataset.layout` names (its FOLDER: where fetch puts the data inside data/raw)."""
+    if dataset.layout not in LAYOUTS:
+        raise BusiError(f"dataset.layout: {dataset.layout!r} is not a layout (layouts: {', '.join(LAYOUTS)})")
+    return LAYOUTS[dataset.layout]
 
 
 def find_root(folder: Path, dataset: DatasetParams) -> Path:
     """The dataset's root inside a source folder (or an unpacked archive)."""
-    return LAYOUTS[dataset.layout].find_root(folder, dataset)
+    return layout(dataset).find_root(folder, dataset)
 
 
 def scan(root: Path, dataset: DatasetParams) -> list[Case]:
-    return LAYOUTS[dataset.layout].scan(root, dataset)
+    return layout(dataset).scan(root, dataset)
 
 
 def write_index(cases: list[Case], base: Path, path: Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from busi import BusiError
 from busi.config import DatasetParams
 from busi.data.archive import KAGGLE_DATASET, archive_path, file_sha256, refuse_links, safe_extract
-from busi.data.cases import FOLDER, INDEX, MANIFEST, find_root, scan, write_index
+from busi.data.cases import INDEX, MANIFEST, find_root, layout, scan, write_index
 from busi.data.images import binarize_mask, mask_levels, open_image
 from busi.files import atomic_dir
 
@@ -33,7 +33,7 @@ def fetch(out_dir: Path, dataset: DatasetParams | None = None) -> int:
     number of images."""
     dataset = dataset or DatasetParams()
     source = archive_path() or download_from_kaggle(dataset)
-    folder = FOLDER[dataset.layout]
+    folder = layout(dataset).FOLDER
     with atomic_dir(out_dir) as tmp:
         if source.is_dir():
             root = find_root(source, dataset)
@@ -62,8 +62,8 @@ def fetch(out_dir: Path, dataset: DatasetParams | None = None) -> int:
 def download_from_kaggle(dataset: DatasetParams) -> Path:
     """Kaggle's public copy through kagglehub (no credentials needed); fails fast when offline."""
     if dataset.layout != "busi":
-        raise BusiError("params: dataset.layout is folders: set BUSI_ARCHIVE to your dataset's folder or .zip "
-                        "(Kaggle's copy is BUSI, in the busi layout)")
+        raise BusiError(f"params: dataset.layout is {dataset.layout}: set BUSI_ARCHIVE to your dataset's folder or "
+                        ".zip (Kaggle's copy is BUSI, in the busi layout)")
     try:
         socket.create_connection(("www.kaggle.com", 443), timeout=5).close()
     except OSError as err:
