@@ -15,8 +15,8 @@ import torch
 from busi import BusiError
 from busi.data.arrays import load_split, read_references
 from busi.evaluation.metrics import METRICS, lookup
-from busi.evaluation.postprocessing import score, shown
-from busi.model.postprocessing import STEPS, PostProcessing
+from busi.evaluation.postprocessing import score
+from busi.model.postprocessing import STEPS, PostProcessing, shown
 from busi.model.predictor import Predictor
 
 

@@ -7,6 +7,7 @@ A new post-processing step is an entry of busi.model.postprocessing.STEPS (with 
 `decide` judges it by the entry's criterion, and every caller picks it up.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from busi.evaluation import metrics
 from busi.evaluation.figures import cases_figure
 from busi.evaluation.metrics import CASE_COLUMNS, bootstrap_ci
 from busi.files import atomic_file
-from busi.model.postprocessing import STEPS, PostProcessing, softmax, step_settings
+from busi.model.postprocessing import STEPS, PostProcessing, shown, softmax, step_settings
 
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8), 241))  # 1.5% apart
 
@@ -79,13 +80,17 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
     chosen = PostProcessing(threshold=params.threshold,
                             **{name: setting for name, setting in settings.items() if setting != "auto"})
     record = {}
+
+    @functools.cache  # each step tries the post-processing decided so far again: score it once
+    def val_metrics(candidate: PostProcessing) -> dict:
+        return score(candidate, *probabilities_of(candidate.flip_tta), val, references)[0]
+
     for step in (step for step in STEPS if settings[step.name] == "auto" and len(val["labels"])):
         if any(getattr(chosen, other) for other in step.excludes):
             continue  # e.g. labels from the mask: the class already gates the mask
         scores = {}
         for value in step.values:
-            candidate = replace(chosen, **{step.name: value})
-            figures = score(candidate, *probabilities_of(candidate.flip_tta), val, references)[0]
+            figures = val_metrics(replace(chosen, **{step.name: value}))
             defined = [figures[key] for key in step.criterion if not np.isnan(figures.get(key, np.nan))]
             scores[value] = float(np.mean(defined)) if defined else np.nan
         if np.isnan(list(scores.values())).any():
@@ -96,11 +101,5 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
 
     if params.calibration == "temperature" and len(val["labels"]):
         chosen = replace(chosen, temperature=fit_temperature(val["labels"], probabilities_of(chosen.flip_tta)[1]))
-        uncalibrated = score(replace(chosen, temperature=1.0), *probabilities_of(chosen.flip_tta), val, references)
-        record["temperature"] = {"val_ece_before": uncalibrated[0]["ece"]}
+        record["temperature"] = {"val_ece_before": val_metrics(replace(chosen, temperature=1.0))["ece"]}
     return chosen, record
-
-
-def shown(value) -> str:
-    """A step's value as a JSON key: on/off, or the number."""
-    return {True: "on", False: "off"}[value] if type(value) is bool else f"{value:g}"

@@ -151,11 +151,14 @@ class PostProcessing:
         return cls(**values)
 
     def describe(self) -> str:
-        def shown(value):
-            return {True: "on", False: "off"}.get(value, f"{value:g}") if type(value) is bool or value else "off"
-
-        steps = ", ".join(f"{step.name.replace('_', ' ')} {shown(getattr(self, step.name))}" for step in STEPS)
+        values = {step.name.replace("_", " "): getattr(self, step.name) for step in STEPS}
+        steps = ", ".join(f"{name} {shown(value) if value else 'off'}" for name, value in values.items())
         return f"threshold {self.threshold:g}, {steps}, temperature {self.temperature:.2f}"
+
+
+def shown(value) -> str:
+    """A step's value as it is written (JSON keys, ablation rows): on/off, or the number."""
+    return {True: "on", False: "off"}[value] if type(value) is bool else f"{value:g}"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
