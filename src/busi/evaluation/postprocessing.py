@@ -3,8 +3,8 @@ cross-validation and saves it for inference: the decisions (`decide`), temperatu
 scoring of a split under a post-processing. The transform itself (`PostProcessing`: probabilities -> a mask and
 a label) is inference's, in busi.model.postprocessing.
 
-A new post-processing step is an entry of busi.model.postprocessing.STEPS (with its field in `PostProcessing`);
-`decide` judges it by the entry's criterion, and every caller picks it up.
+A new post-processing step is one entry of busi.model.postprocessing.STEPS; `decide` judges it by the entry's
+criterion, and every caller picks it up.
 """
 
 import functools

@@ -2,17 +2,70 @@
 the same for evaluate, ablate, predict and serving (busi.model.predictor). Its settings are decided on
 validation by busi.evaluation.postprocessing and saved in the predictor folder.
 
-A post-processing step is one entry of STEPS below plus its field (and its use) in `PostProcessing`: the
-params (`evaluate.postprocessing.<name>`), the `busi predict --<name>` flag, the decision on validation (its
-`criterion`) and the row of `busi ablate` all come from the entry.
+A post-processing step is one entry of STEPS below: its function (where in the transform it acts) and, from the
+entry, the `PostProcessing` field, the params (`evaluate.postprocessing.<name>`), the `busi predict --<name>`
+flag, the decision on validation (its `criterion`) and the row of `busi ablate`.
 """
 
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, make_dataclass
 
 import cv2
 import numpy as np
 
 from busi import CLASSES
+
+NORMAL = CLASSES.index("normal")
+
+
+def regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's connected lesion regions (8-connected): a label image (0: background) and each region's area."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return labels, stats[1:, cv2.CC_STAT_AREA]
+
+
+def thresholded(probability: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
+    """A lesion probability map at the training size -> a boolean mask at the image's own size: bilinear resize
+    first, threshold after."""
+    resized = cv2.resize(probability, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+    return resized >= threshold
+
+
+# The steps' functions. `value` is the step's value, never its "off" (then the step is not called). Where each
+# acts, by its Step's `point`:
+#   mask    f(mask, value) -> mask: each image's boolean mask at its own size, after the threshold
+#   labels  f(labels, class_probabilities, lesion_areas, value) -> labels: every image's class index
+#   gate    f(mask, probability, label, value) -> mask: each image's mask once its label is known
+#   input   no function here: the predictor applies it to the networks' input (busi.model.predictor)
+
+def drop_small_regions(mask: np.ndarray, fraction: float) -> np.ndarray:
+    labels, areas = regions(mask)
+    return np.isin(labels, 1 + np.flatnonzero(areas >= fraction * mask.size))
+
+
+def keep_largest_region(mask: np.ndarray, _on: bool = True) -> np.ndarray:
+    if not mask.any():
+        return mask
+    labels, areas = regions(mask)
+    return labels == 1 + np.argmax(areas)
+
+
+def label_from_mask(labels: np.ndarray, class_probabilities: np.ndarray, lesion_areas: np.ndarray,
+                    _on: bool) -> np.ndarray:
+    """No lesion drawn -> normal; else the more probable of benign and malignant."""
+    lesion = np.where(np.arange(len(CLASSES)) == NORMAL, -np.inf, class_probabilities).argmax(1)
+    return np.where(np.asarray(lesion_areas) > 0, lesion, NORMAL)
+
+
+def mask_from_label(mask: np.ndarray, probability: np.ndarray, label: int, _on: bool) -> np.ndarray:
+    """The mask that agrees with the label: empty for normal; for a lesion label where nothing reached the
+    threshold, the largest region at half the map's highest probability (the network's best guess of where the
+    lesion the class head sees is)."""
+    if label == NORMAL:
+        return np.zeros_like(mask)
+    if mask.any() or not probability.max() > 0:
+        return mask
+    return keep_largest_region(thresholded(probability, *mask.shape, probability.max() / 2))
 
 
 @dataclass(frozen=True)
@@ -22,6 +75,8 @@ class Step:
     # `auto` tries each value on the validation split (the first is "off") and keeps the one with the highest
     # mean of these validation metrics; a tie keeps the earlier value.
     criterion: tuple[str, ...]
+    point: str  # where it acts: input | mask | labels | gate (see the functions above)
+    function: Callable | None = None
     values: tuple = (False, True)
     # steps this one replaces: `auto` does not try it while one of them is on, and `busi ablate` switches them off
     excludes: tuple[str, ...] = ()
@@ -32,18 +87,19 @@ class Step:
         return self.values[-1]
 
 
-STEPS = (  # in the order they are decided and applied
+STEPS = (  # in the order they are decided, and applied at each point
     Step("flip_tta", "average with the mirrored image's prediction (test-time augmentation)",
-         ("dice_per_image", "f1_weighted")),
+         ("dice_per_image", "f1_weighted"), "input"),
     Step("min_lesion_area", "drop lesion regions smaller than this fraction of the image",
-         ("dice_per_image_all",), values=(0.0, 0.001, 0.002, 0.005, 0.01)),
-    Step("largest_component", "keep only the largest lesion region", ("dice_per_image",)),
+         ("dice_per_image_all",), "mask", drop_small_regions, values=(0.0, 0.001, 0.002, 0.005, 0.01)),
+    Step("largest_component", "keep only the largest lesion region", ("dice_per_image",), "mask",
+         keep_largest_region),
     Step("label_from_mask", "no predicted lesion -> normal, else the more probable of benign and malignant",
-         ("f1_weighted",)),
+         ("f1_weighted",), "labels", label_from_mask),
     # Judged on every image (an empty mask on an image without lesion scores 1): it trades lesions lost on
     # misclassified lesion images for lesions no longer drawn on normal ones.
     Step("mask_from_label", "the mask follows the class: normal -> empty, a lesion class -> its likeliest region",
-         ("dice_per_image_all",), excludes=("label_from_mask",)),
+         ("dice_per_image_all",), "gate", mask_from_label, excludes=("label_from_mask",)),
 )
 
 
@@ -68,17 +124,14 @@ def step_settings(settings: dict) -> dict:
             for step in STEPS}
 
 
-@dataclass(frozen=True)
-class PostProcessing:
-    threshold: float = 0.5  # on the lesion probability, at the image's own size
-    flip_tta: bool = False  # average the probabilities with those of the mirrored image (applied by the predictor)
-    min_lesion_area: float = 0.0  # lesion regions under this fraction of the image's area are dropped
-    largest_component: bool = False  # keep only the largest connected lesion region
-    label_from_mask: bool = False  # no predicted lesion -> normal, else the more probable of benign/malignant
-    # The class gates the mask: an image labelled normal gets an empty mask, and an image labelled benign or
-    # malignant whose mask is empty gets its most probable region (see `apply`).
-    mask_from_label: bool = False
-    temperature: float = 1.0  # class probabilities p -> softmax(log p / T), fitted on validation: calibration
+class Transform:
+    """The methods of PostProcessing, whose fields are the threshold, one per step of STEPS (its default: the
+    step's "off") and the temperature."""
+
+    def steps(self, point: str) -> list[tuple[Callable, object]]:
+        """(function, value) of the steps at `point` that are not off, in the order of STEPS."""
+        return [(step.function, getattr(self, step.name)) for step in STEPS
+                if step.point == point and getattr(self, step.name) != step.values[0]]
 
     def calibrate(self, class_probabilities: np.ndarray) -> np.ndarray:
         """Temperature scaling of probabilities (of an ensemble's or flip-averaged, hence on log p rather than on
@@ -87,53 +140,34 @@ class PostProcessing:
             return class_probabilities
         return softmax(np.log(np.clip(class_probabilities, 1e-12, 1)) / self.temperature)
 
-    def mask(self, probability: np.ndarray, height: int, width: int, threshold: float | None = None) -> np.ndarray:
-        """A lesion probability map at the training size -> a boolean mask at the image's own size: bilinear
-        resize first, threshold after (this post-processing's, unless `threshold` says)."""
-        resized = cv2.resize(probability, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
-        mask = resized >= (self.threshold if threshold is None else threshold)
-        if (self.largest_component or self.min_lesion_area) and mask.any():
-            count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-            areas = stats[1:, cv2.CC_STAT_AREA]  # of each region; label 0 is the background
-            keep = areas >= self.min_lesion_area * mask.size
-            if self.largest_component and keep.any():
-                keep = np.arange(len(areas)) == np.argmax(np.where(keep, areas, -1))
-            mask = np.isin(labels, 1 + np.flatnonzero(keep))
+    def mask(self, probability: np.ndarray, height: int, width: int) -> np.ndarray:
+        """A lesion probability map at the training size -> a boolean mask at the image's own size."""
+        mask = thresholded(probability, height, width, self.threshold)
+        for function, value in self.steps("mask"):
+            mask = function(mask, value)
         return mask
 
-    def labels(self, class_probabilities: np.ndarray, predicted_area: np.ndarray) -> np.ndarray:
-        """Class indices: the head's most probable class, or, `label_from_mask`, the class the mask implies."""
-        if not self.label_from_mask:
-            return class_probabilities.argmax(1)
-        normal = CLASSES.index("normal")
-        lesion = np.where(np.arange(len(CLASSES)) == normal, -np.inf, class_probabilities).argmax(1)
-        return np.where(np.asarray(predicted_area) > 0, lesion, normal)
+    def labels(self, class_probabilities: np.ndarray, lesion_areas: np.ndarray) -> np.ndarray:
+        """Class indices: the head's most probable class, unless a step at `labels` says otherwise."""
+        labels = class_probabilities.argmax(1)
+        for function, value in self.steps("labels"):
+            labels = function(labels, class_probabilities, lesion_areas, value)
+        return labels
 
     def apply(self, probabilities: np.ndarray, class_probabilities: np.ndarray,
-              sizes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+              sizes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Masks at each image's (height, width) in `sizes`, class indices and calibrated class probabilities."""
         masks = [self.mask(p, h, w) for p, (h, w) in zip(probabilities, sizes, strict=True)]
         labels = self.labels(class_probabilities, np.array([np.count_nonzero(m) for m in masks]))
-        if self.mask_from_label:
-            masks = [self.gated(m, p, label) for m, p, label in zip(masks, probabilities, labels, strict=True)]
+        for function, value in self.steps("gate"):
+            masks = [function(m, p, label, value) for m, p, label in zip(masks, probabilities, labels, strict=True)]
         return masks, labels, self.calibrate(class_probabilities)
-
-    def gated(self, mask: np.ndarray, probability: np.ndarray, label: int) -> np.ndarray:
-        """The mask that agrees with the label: empty for normal; for a lesion label where nothing reached the
-        threshold, the largest region at half the map's highest probability (the network's best guess of
-        where the lesion the class head sees is)."""
-        if label == CLASSES.index("normal"):
-            return np.zeros_like(mask)
-        if mask.any() or not probability.max() > 0:
-            return mask
-        best_guess = replace(self, largest_component=True, min_lesion_area=0.0)
-        return best_guess.mask(probability, *mask.shape, threshold=probability.max() / 2)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PostProcessing":
+    def from_dict(cls, values: dict) -> "Transform":
         """From a predictor manifest (which anyone may have edited): every field named, typed and in range."""
         if not isinstance(values, dict):
             raise ValueError(f"postprocessing must be a mapping, got {type(values).__name__}")
@@ -154,6 +188,16 @@ class PostProcessing:
         values = {step.name.replace("_", " "): getattr(self, step.name) for step in STEPS}
         steps = ", ".join(f"{name} {shown(value) if value else 'off'}" for name, value in values.items())
         return f"threshold {self.threshold:g}, {steps}, temperature {self.temperature:.2f}"
+
+
+# threshold: on the lesion probability, at the image's own size; temperature: class probabilities
+# p -> softmax(log p / T), fitted on validation (calibration). Frozen, so a decision can cache its scores.
+PostProcessing = make_dataclass(
+    "PostProcessing",
+    [("threshold", float, 0.5),
+     *((step.name, type(step.values[0]), step.values[0]) for step in STEPS),
+     ("temperature", float, 1.0)],
+    bases=(Transform,), frozen=True, namespace={"__module__": __name__})
 
 
 def shown(value) -> str:
