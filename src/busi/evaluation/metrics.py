@@ -46,7 +46,7 @@ METRICS = [  # the study's four columns first
            lambda cases: malignant_vs_benign(cases).get("auc_malignant_vs_benign"), interval=True),
     Metric("ece", "ECE", lambda cases: expected_calibration_error(cases), interval=True),  # lower is better
     Metric("per_class.malignant.dice", "malignant Dice", segmentation("dice", "malignant")),
-    Metric("normal_fp_rate", "normal FP rate", segmentation("normal_fp_rate")),
+    Metric("normal_fp_rate", "normal FP rate", segmentation("normal_fp_rate"), paired=True),  # lower is better
 ]
 
 
