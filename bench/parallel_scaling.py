@@ -28,7 +28,8 @@ def run(data: Path, workers: int, images: int, epochs: int) -> dict:
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["train"] |= {"epochs": epochs, "max_train_images": images, "patience": epochs}
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(max(1, cores // workers)),
+        python_path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))  # + wheels
+        env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": str(max(1, cores // workers)),
                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
         started = time.perf_counter()
         processes = [subprocess.Popen([sys.executable, "-m", "busi", "--params", f"{tmp}/params.yaml", "train",
