@@ -1,6 +1,6 @@
 """Every fold of a cross-validation (or of a grid of them) at once on one machine, without Ray: one process per
 (configuration, fold), each with its share of the cores (OMP_NUM_THREADS), all sharing the GPU. For a GPU
-machine that Ray cannot travel to (bench/device.sh); on a cluster, RAY_ADDRESS and `busi cross-validate` do this.
+machine that Ray cannot travel to (bench/device_cv.sh); on a cluster, RAY_ADDRESS and `busi cross-validate` do this.
 
     PYTHONPATH=src python bench/folds_at_once.py --out screen [--grid FILE] [--jobs N]
     PYTHONPATH=src python -m busi cross-validate --out screen [--grid FILE]
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from busi.config import Params, load_grid, load_params
@@ -41,9 +42,10 @@ def train_fold(args) -> None:
               TrainingRun(params, suffix=f"-fold{args.fold}"))
 
 
-def start_fold(args, config: Params, fold: int, fold_dir: Path, threads: int) -> subprocess.Popen:
+def run_fold(args, config: Params, fold: int, fold_dir: Path, threads: int) -> int:
     """A fresh interpreter per fold, its thread count set before torch starts (as `dvc queue` workers get it): a
-    multiprocessing child would inherit the parent's start-up and re-import everything in each data worker."""
+    multiprocessing child would inherit the parent's start-up and re-import everything in each data worker.
+    Returns its exit status."""
     fold_dir.mkdir(parents=True, exist_ok=True)
     (fold_dir / "params.json").write_text(json.dumps(config.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
@@ -51,7 +53,7 @@ def start_fold(args, config: Params, fold: int, fold_dir: Path, threads: int) ->
     command = [sys.executable, __file__, "--data", str(args.data), "--splits", str(args.splits),
                "--fold", str(fold), "--fold-dir", str(fold_dir)]
     with (fold_dir / "log.txt").open("a") as log:  # one log per fold, not interleaved
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def main() -> None:
@@ -82,17 +84,16 @@ def main() -> None:
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) // max(1, min(at_once, len(jobs))))
     print(f"{len(jobs)} folds to train, {at_once} at once, {threads} thread(s) each", flush=True)
 
-    started, waiting, running, failed = time.perf_counter(), list(jobs), {}, []
-    while waiting or running:
-        while waiting and len(running) < at_once:
-            config, fold, fold_dir = waiting.pop(0)
-            running[start_fold(args, config, fold, fold_dir, threads)] = fold_dir
-        time.sleep(2)
-        for process in [p for p in running if p.poll() is not None]:
-            fold_dir = running.pop(process)
-            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}; {fold_dir}/log.txt)"
-            failed += [fold_dir] if process.returncode else []
-            print(f"{fold_dir}: {status} at {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    started, failed = time.perf_counter(), []
+
+    def fold_done(config: Params, fold: int, fold_dir: Path) -> None:
+        code = run_fold(args, config, fold, fold_dir, threads)
+        failed.extend([fold_dir] if code else [])
+        status = "done" if code == 0 else f"FAILED (exit {code}; {fold_dir}/log.txt)"
+        print(f"{fold_dir}: {status} at {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+
+    with ThreadPoolExecutor(max(1, at_once)) as pool_of_folds:  # threads that each wait on one fold's process
+        list(pool_of_folds.map(lambda job: fold_done(*job), jobs))
     print(f"{len(jobs) - len(failed)} of {len(jobs)} folds trained in {(time.perf_counter() - started) / 60:.1f} min")
     raise SystemExit(1 if failed else 0)
 
