@@ -1,0 +1,174 @@
+"""Screen of issue 19's "classifier that sees the lesion at a higher resolution": a second, small network that
+tells benign from malignant on the crop around the lesion, cut from the original image (a lesion spans a few
+dozen pixels at the U-Net's 128 px, several hundred in the original), judged on out-of-fold predictions.
+
+    PYTHONPATH=src python bench/crop_classifier.py CV_DIR --out crops [--size 128] [--epochs 40]
+
+CV_DIR is a finished `busi cross-validate --out` folder (its folds' networks and `oof_per_image.csv`). For each
+fold, a timm ResNet-18 (one channel, from scratch) learns benign against malignant on the reference-mask crops of
+the other folds' lesion images (the box grown by a random margin, shifted, mirrored, brightness and contrast
+jittered); then the fold's own U-Net draws the held-out images' masks, and every image with a predicted lesion
+has the crop around its largest region classified (with its mirror image). The class head's split of the lesion
+probability between benign and malignant is averaged with the crop network's; the normal probability and every
+mask are unchanged, so the label changes only between benign and malignant. Writes `<out>/oof_per_image.csv`
+(the columns of CV_DIR's) and prints the paired differences against CV_DIR's OOF predictions.
+About 19 minutes on a 2-core CPU at the defaults (5 folds x 427 crops x 40 epochs at 128 px).
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from torch.nn import functional as F
+
+from busi import CLASSES
+from busi.data.arrays import load_split
+from busi.evaluation.metrics import keys, paired_bootstrap, value
+from busi.model.checkpoint import load_checkpoint
+from busi.stages.cross_validate import concatenate, folds_of
+
+BENIGN, MALIGNANT, NORMAL = (CLASSES.index(name) for name in ("benign", "malignant", "normal"))
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+
+
+def cut(image: np.ndarray, box, size: int, margin: float, shift=(0.0, 0.0)) -> np.ndarray:
+    """The square around `box` grown by `margin` of its longer side each way, at `size` px (zeros outside)."""
+    y0, y1, x0, x1 = box
+    side = max(y1 - y0, x1 - x0) * (1 + 2 * margin)
+    half = max(side / 2, 8)
+    cy, cx = (y0 + y1) / 2 + shift[0] * side, (x0 + x1) / 2 + shift[1] * side
+    corners = np.float32([[cx - half, cy - half], [cx + half, cy - half], [cx - half, cy + half]])
+    to = cv2.getAffineTransform(corners, np.float32([[0, 0], [size, 0], [0, size]]))
+    return cv2.warpAffine(image, to, (size, size), flags=cv2.INTER_AREA if 2 * half > size else cv2.INTER_LINEAR)
+
+
+def largest_region(probability: np.ndarray, min_area: float):
+    """The box of the largest region above 0.5, or None when there is none of at least `min_area` of the image."""
+    count, regions, stats, _ = cv2.connectedComponentsWithStats((probability > 0.5).astype(np.uint8), 8)
+    if count <= 1:
+        return None
+    largest = int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1
+    if stats[largest, cv2.CC_STAT_AREA] < min_area * probability.size:
+        return None
+    return box_of(regions == largest)
+
+
+def train_crops(images, boxes, labels, args, seed: int) -> torch.nn.Module:
+    """benign (0) against malignant (1), class-weighted cross-entropy, one-cycle schedule."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    network = timm.create_model("resnet18", in_chans=1, num_classes=2, pretrained=False)
+    target = (labels == MALIGNANT).astype(np.int64)
+    weight = torch.tensor(len(target) / (2 * np.bincount(target, minlength=2)), dtype=torch.float32)
+    batches = int(np.ceil(len(images) / args.batch))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * batches, pct_start=0.1)
+    network.train()
+    for _ in range(args.epochs):
+        order = rng.permutation(len(images))
+        for start in range(0, len(order), args.batch):
+            batch = order[start : start + args.batch]
+            crops = []
+            for i in batch:
+                crop = cut(images[i], boxes[i], args.size, rng.uniform(0.2, 0.9), rng.uniform(-0.1, 0.1, 2))
+                crop = crop[:, ::-1] if rng.random() < 0.5 else crop
+                crops.append(np.clip(crop / 255 * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1), 0, 1))
+            x = torch.from_numpy(np.stack(crops)[:, None].astype(np.float32))
+            loss = F.cross_entropy(network(x), torch.from_numpy(target[batch]), weight=weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return network.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cv", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=Path("data"))
+    parser.add_argument("--size", type=int, default=128, help="crop side in pixels")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--margin", type=float, default=0.5, help="the crop's margin at prediction")
+    parser.add_argument("--min-area", type=float, default=0.002, help="smallest predicted region (the default's)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+
+    pool = concatenate(load_split(args.data / "processed", "train"), load_split(args.data / "processed", "val"))
+    fold_of = folds_of(pool["ids"], args.data / "splits.csv")
+    sources = pd.read_csv(args.data / "raw" / "cases.csv", dtype={"image_id": str}).set_index("image_id")["image"]
+    originals = [cv2.imread(str(args.data / "raw" / sources[i]), cv2.IMREAD_GRAYSCALE) for i in pool["ids"]]
+    references = [cv2.imread(str(args.data / "masks" / f"{i}.png"), cv2.IMREAD_GRAYSCALE) > 0 for i in pool["ids"]]
+    labels = pool["labels"]
+    malignant = np.full(len(labels), np.nan)  # the crop network's malignant probability, where a lesion is drawn
+    for fold in sorted(set(fold_of)):
+        train = [i for i in np.nonzero(fold_of != fold)[0] if labels[i] != NORMAL]
+        network = train_crops([originals[i] for i in train], [box_of(references[i]) for i in train], labels[train],
+                              args, seed=42 + fold)
+        unet, _, _ = load_checkpoint(args.cv / "folds" / f"fold-{fold}")
+        held = np.nonzero(fold_of == fold)[0]
+        with torch.no_grad():
+            lesion = torch.sigmoid(unet(torch.from_numpy(pool["images"][held]).unsqueeze(1).float() / 255)[0])
+        crops, drawn = [], []
+        for probability, i in zip(lesion[:, 0].numpy(), held, strict=True):
+            box = largest_region(cv2.resize(probability, originals[i].shape[::-1]), args.min_area)
+            if box is not None:
+                crops.append(cut(originals[i], box, args.size, args.margin).astype(np.float32) / 255)
+                drawn.append(i)
+        with torch.no_grad():
+            x = torch.from_numpy(np.stack(crops)[:, None])
+            malignant[drawn] = ((F.softmax(network(x), 1) + F.softmax(network(x.flip(3)), 1)) / 2)[:, 1].numpy()
+        print(f"fold {fold}: {len(train)} training crops, {len(drawn)} of {len(held)} held-out images with a lesion "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    old = pd.read_csv(args.cv / "oof_per_image.csv", dtype={"image_id": str}).set_index("image_id").loc[pool["ids"]]
+    new = old.copy()
+    lesion_mass = old["p_benign"] + old["p_malignant"]
+    head = old["p_malignant"] / lesion_mass
+    share = np.where(np.isnan(malignant), head, (head + malignant) / 2)
+    new["p_malignant"], new["p_benign"] = lesion_mass * share, lesion_mass * (1 - share)
+    lesion_called = old["predicted_label"] != "normal"
+    new.loc[lesion_called, "predicted_label"] = np.where(share > 0.5, "malignant", "benign")[lesion_called]
+    args.out.mkdir(parents=True, exist_ok=True)
+    new.reset_index().to_csv(args.out / "oof_per_image.csv", index=False)
+    old, new = old.reset_index(), new.reset_index()
+
+    print(f"\n{len(new)} OOF images, {time.perf_counter() - started:.0f} s; crop network + head against the head alone")
+    comparison = paired_bootstrap(new, old, 2000, 0)
+    for name in [*keys("paired"), "auc_malignant_vs_benign", "ece"]:
+        line = f"{name}: {value(new, name):.3f} against {value(old, name):.3f}"
+        if name in comparison:
+            c = comparison[name]
+            line += f", paired {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p {c['p']:.3f}"
+        print(line)
+    auc = paired_auc(new, old, 2000, np.random.default_rng(0))
+    print(f"auc_malignant_vs_benign paired {auc[0]:+.3f} [{auc[1]:+.3f}, {auc[2]:+.3f}], p {auc[3]:.3f}")
+
+
+def paired_auc(new: pd.DataFrame, old: pd.DataFrame, resamples: int, rng) -> tuple[float, float, float, float]:
+    """The malignant-vs-benign AUC difference over resamples of the same lesion images for both."""
+    lesions = np.nonzero((old["label"] != "normal").to_numpy())[0]
+    differences = []
+    for _ in range(resamples):
+        draw = rng.choice(lesions, len(lesions))
+        differences.append(value(new.iloc[draw], "auc_malignant_vs_benign")
+                           - value(old.iloc[draw], "auc_malignant_vs_benign"))
+    differences = np.array(differences)
+    p = min(1.0, 2 * min((differences <= 0).mean(), (differences >= 0).mean()))
+    return (value(new, "auc_malignant_vs_benign") - value(old, "auc_malignant_vs_benign"),
+            *np.percentile(differences, [2.5, 97.5]), p)
+
+
+if __name__ == "__main__":
+    main()
