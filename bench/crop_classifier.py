@@ -4,18 +4,20 @@ dozen pixels at the U-Net's 128 px, several hundred in the original), judged on 
 
     PYTHONPATH=src python bench/crop_classifier.py CV_DIR --out crops [--size 128] [--epochs 40]
 
-CV_DIR is a finished `busi cross-validate --out` folder (its folds' networks and `oof_per_image.csv`). For each
+CV_DIR is a finished `busi cross-validate --out` folder (its folds' networks, `oof_per_image.csv` and the
+post-processing its predictor chose). For each
 fold, a timm ResNet-18 (one channel, from scratch) learns benign against malignant on the reference-mask crops of
 the other folds' lesion images (the box grown by a random margin, shifted, mirrored, brightness and contrast
 jittered); then the fold's own U-Net draws the held-out images' masks, and every image with a predicted lesion
 has the crop around its largest region classified (with its mirror image). The class head's split of the lesion
 probability between benign and malignant is averaged with the crop network's; the normal probability and every
 mask are unchanged, so the label changes only between benign and malignant. Writes `<out>/oof_per_image.csv`
-(the columns of CV_DIR's) and prints the paired differences against CV_DIR's OOF predictions.
+(the columns of CV_DIR's) and prints both OOF figures with 95% intervals, confusions and the paired differences.
 About 19 minutes on a 2-core CPU at the defaults (5 folds x 427 crops x 40 epochs at 128 px).
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from torch.nn import functional as F
 
 from busi import CLASSES
 from busi.data.arrays import load_split
-from busi.evaluation.metrics import keys, paired_bootstrap, value
+from busi.evaluation.metrics import bootstrap_ci, keys, paired_bootstrap, value
 from busi.model.checkpoint import load_checkpoint
 from busi.stages.cross_validate import concatenate, folds_of
 
@@ -101,9 +103,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--margin", type=float, default=0.5, help="the crop's margin at prediction")
-    parser.add_argument("--min-area", type=float, default=0.002, help="smallest predicted region (the default's)")
+    parser.add_argument("--min-area", type=float, help="smallest predicted region (default: the CV's chosen)")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.min_area is None:  # the smallest lesion area the cross-validation chose on its OOF predictions
+        manifest = json.loads((args.cv / "predictor" / "predictor.json").read_text())
+        args.min_area = manifest["postprocessing"]["min_lesion_area"]
 
     pool = concatenate(load_split(args.data / "processed", "train"), load_split(args.data / "processed", "val"))
     fold_of = folds_of(pool["ids"], args.data / "splits.csv")
@@ -134,7 +139,7 @@ def main() -> None:
 
     old = pd.read_csv(args.cv / "oof_per_image.csv", dtype={"image_id": str}).set_index("image_id").loc[pool["ids"]]
     new = old.copy()
-    lesion_mass = old["p_benign"] + old["p_malignant"]
+    lesion_mass = (old["p_benign"] + old["p_malignant"]).clip(lower=1e-12)
     head = old["p_malignant"] / lesion_mass
     share = np.where(np.isnan(malignant), head, (head + malignant) / 2)
     new["p_malignant"], new["p_benign"] = lesion_mass * share, lesion_mass * (1 - share)
@@ -142,9 +147,25 @@ def main() -> None:
     new.loc[lesion_called, "predicted_label"] = np.where(share > 0.5, "malignant", "benign")[lesion_called]
     args.out.mkdir(parents=True, exist_ok=True)
     new.reset_index().to_csv(args.out / "oof_per_image.csv", index=False)
-    old, new = old.reset_index(), new.reset_index()
+    print(f"\n{np.count_nonzero(~np.isnan(malignant))} images cropped, {np.count_nonzero(old['predicted_area_px'])} "
+          f"with a lesion in {args.cv / 'oof_per_image.csv'} (the same images, unless a threshold tie)")
+    report(new.reset_index(), old.reset_index(), ~np.isnan(malignant) & (labels != NORMAL))
+    print(f"{time.perf_counter() - started:.0f} s")
 
-    print(f"\n{len(new)} OOF images, {time.perf_counter() - started:.0f} s; crop network + head against the head alone")
+
+def report(new: pd.DataFrame, old: pd.DataFrame, cropped: np.ndarray) -> None:
+    """The OOF figures of both with 95% intervals, their paired differences, confusions, and the AUC on the
+    lesion images that were cropped."""
+    for name, cases in (("crop network + head", new), ("head alone", old)):
+        intervals = bootstrap_ci(cases, 2000, 0)
+        print(f"{name}: " + ", ".join(
+            f"{key} {value(cases, key):.3f}" + (f" [{intervals[key]['low']:.3f}, {intervals[key]['high']:.3f}]"
+                                                 if key in intervals else "")
+            for key in ("f1_weighted", "dice_per_image", "auc_malignant_vs_benign", "normal_fp_rate", "ece")))
+        print(pd.crosstab(cases["label"], cases["predicted_label"]).to_string())
+        print(f"  malignant AUC on the {cropped.sum()} cropped lesion images: "
+              f"{value(cases[cropped], 'auc_malignant_vs_benign'):.3f}")
+    print("paired, crop network + head against the head alone (2,000 resamples of the same images):")
     comparison = paired_bootstrap(new, old, 2000, 0)
     for name in [*keys("paired"), "auc_malignant_vs_benign", "ece"]:
         line = f"{name}: {value(new, name):.3f} against {value(old, name):.3f}"
