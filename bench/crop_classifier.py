@@ -1,18 +1,18 @@
-"""Screen of issue 19's "classifier that sees the lesion at a higher resolution": a second, small network that
-tells benign from malignant on the crop around the lesion, cut from the original image (a lesion spans a few
-dozen pixels at the U-Net's 128 px, several hundred in the original), judged on out-of-fold predictions.
+"""Screen of issue 19's "classifier that sees the lesion": a second, small network that tells benign from
+malignant on the crop around the lesion, cut from the original image (the lesion centred at one scale, where
+the U-Net sees the whole image squeezed to 128 px), judged on out-of-fold predictions.
 
     PYTHONPATH=src python bench/crop_classifier.py CV_DIR --out crops [--size 128] [--epochs 40]
 
-CV_DIR is a finished `busi cross-validate --out` folder (its folds' networks, `oof_per_image.csv` and the
-post-processing its predictor chose). For each
-fold, a timm ResNet-18 (one channel, from scratch) learns benign against malignant on the reference-mask crops of
-the other folds' lesion images (the box grown by a random margin, shifted, mirrored, brightness and contrast
-jittered); then the fold's own U-Net draws the held-out images' masks, and every image with a predicted lesion
-has the crop around its largest region classified (with its mirror image). The class head's split of the lesion
-probability between benign and malignant is averaged with the crop network's; the normal probability and every
-mask are unchanged, so the label changes only between benign and malignant. Writes `<out>/oof_per_image.csv`
-(the columns of CV_DIR's) and prints both OOF figures with 95% intervals, confusions and the paired differences.
+CV_DIR is a finished `busi cross-validate --out` folder (its folds' networks, `oof_per_image.csv` and the post-
+processing its predictor chose). For each fold, a timm ResNet-18 (one channel, from scratch) learns benign against
+malignant on the reference-mask crops of the other folds' lesion images (the box grown by a random margin, shifted,
+mirrored, brightness and contrast jittered); then the fold's own U-Net draws the held-out images' masks, and every
+image with a predicted lesion has the crop around its largest region classified (with its mirror image). The class
+head's split of the lesion probability between benign and malignant is averaged with the crop network's; the normal
+probability and every mask are unchanged, so the label changes only between benign and malignant. Writes
+`<out>/oof_per_image.csv` (the columns of CV_DIR's) and prints both OOF figures with 95% intervals, confusions and
+the paired differences.
 About 19 minutes on a 2-core CPU at the defaults (5 folds x 427 crops x 40 epochs at 128 px).
 """
 
