@@ -4,13 +4,13 @@ the U-Net sees the whole image squeezed to 128 px), judged on out-of-fold predic
 
     PYTHONPATH=src python bench/crop_classifier.py CV_DIR --out crops [--size 128] [--epochs 40]
 
-CV_DIR is a finished `busi cross-validate --out` folder (its folds' networks, `oof_per_image.csv` and the post-
-processing its predictor chose). For each fold, a timm ResNet-18 (one channel, from scratch) learns benign against
-malignant on the reference-mask crops of the other folds' lesion images (the box grown by a random margin, shifted,
-mirrored, brightness and contrast jittered); then the fold's own U-Net draws the held-out images' masks, and every
-image with a predicted lesion has the crop around its largest region classified (with its mirror image). The class
-head's split of the lesion probability between benign and malignant is averaged with the crop network's; the normal
-probability and every mask are unchanged, so the label changes only between benign and malignant. Writes
+CV_DIR is a finished `busi cross-validate --out` folder (its folds' networks, `oof_per_image.csv` and the
+post-processing its predictor chose). For each fold, a timm ResNet-18 (one channel, from scratch) learns benign
+against malignant on the reference-mask crops of the other folds' lesion images (the box grown by a random margin,
+shifted, mirrored, brightness and contrast jittered); then the fold's own U-Net draws the held-out images' masks,
+and every image with a predicted lesion has the crop around its largest region classified (with its mirror image).
+The class head's split of the lesion probability between benign and malignant is averaged with the crop network's;
+the normal probability and every mask are unchanged, so the label changes only between benign and malignant. Writes
 `<out>/oof_per_image.csv` (the columns of CV_DIR's) and prints both OOF figures with 95% intervals, confusions and
 the paired differences.
 About 19 minutes on a 2-core CPU at the defaults (5 folds x 427 crops x 40 epochs at 128 px).
