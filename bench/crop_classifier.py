@@ -32,6 +32,7 @@ from busi import CLASSES
 from busi.data.arrays import load_split
 from busi.evaluation.metrics import bootstrap_ci, keys, paired_bootstrap, value
 from busi.model.checkpoint import load_checkpoint
+from busi.model.postprocessing import PostProcessing
 from busi.stages.cross_validate import concatenate, folds_of
 
 BENIGN, MALIGNANT, NORMAL = (CLASSES.index(name) for name in ("benign", "malignant", "normal"))
@@ -53,15 +54,11 @@ def cut(image: np.ndarray, box, size: int, margin: float, shift=(0.0, 0.0)) -> n
     return cv2.warpAffine(image, to, (size, size), flags=cv2.INTER_AREA if 2 * half > size else cv2.INTER_LINEAR)
 
 
-def largest_region(probability: np.ndarray, min_area: float):
-    """The box of the largest region above 0.5, or None when there is none of at least `min_area` of the image."""
-    count, regions, stats, _ = cv2.connectedComponentsWithStats((probability > 0.5).astype(np.uint8), 8)
-    if count <= 1:
-        return None
-    largest = int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1
-    if stats[largest, cv2.CC_STAT_AREA] < min_area * probability.size:
-        return None
-    return box_of(regions == largest)
+def largest_region(probability: np.ndarray, height: int, width: int, min_area: float):
+    """The box of the largest lesion region the project's post-processing draws at the image's size (threshold
+    0.5, regions under `min_area` of the image dropped), or None when it draws none."""
+    mask = PostProcessing(min_lesion_area=min_area, largest_component=True).mask(probability, height, width)
+    return box_of(mask) if mask.any() else None
 
 
 def train_crops(images, boxes, labels, args, seed: int) -> torch.nn.Module:
@@ -127,7 +124,7 @@ def main() -> None:
             lesion = torch.sigmoid(unet(torch.from_numpy(pool["images"][held]).unsqueeze(1).float() / 255)[0])
         crops, drawn = [], []
         for probability, i in zip(lesion[:, 0].numpy(), held, strict=True):
-            box = largest_region(cv2.resize(probability, originals[i].shape[::-1]), args.min_area)
+            box = largest_region(probability, *originals[i].shape, args.min_area)
             if box is not None:
                 crops.append(cut(originals[i], box, args.size, args.margin).astype(np.float32) / 255)
                 drawn.append(i)
