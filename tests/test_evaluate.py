@@ -36,6 +36,7 @@ from busi.evaluation.postprocessing import decide, score
 from busi.model.postprocessing import STEPS, PostProcessing
 from busi.model.predictor import Predictor
 from busi.stages.evaluate import evaluate
+from busi.stages.train_crop import train_crop
 from busi.training import train
 from conftest import PARAMS_FILE, REPO, run_env, tiny_params
 
@@ -282,6 +283,9 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     (tmp_path / "params.yaml").write_text(json.dumps(run_params.model_dump(mode="json")))
     summary = train(processed, run_params, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv")
     masks_dir = processed.parent / "masks"
+    crop = train_crop(synthetic_source, masks_dir, processed.parent / "splits.csv", run_params, tmp_path / "crop.pt",
+                      tmp_path / "crop.json")
+    assert crop["epochs"] == 1 and crop["images"] == crop["benign"] + crop["malignant"] > 0
     chosen_on = []  # the split post-processing is chosen on
 
     def spy(probabilities_of, arrays, *args):
@@ -289,7 +293,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
         return decide(probabilities_of, arrays, *args)
 
     monkeypatch.setattr("busi.evaluation.postprocessing.decide", spy)
-    args = ["--data", str(processed), "--masks", str(masks_dir), "--model", str(tmp_path / "models"),
+    args = ["--data", str(processed), "--raw", str(synthetic_source), "--masks", str(masks_dir),
+            "--model", str(tmp_path / "models"), "--crop", str(tmp_path / "crop.pt"),
             "--train-metrics", str(tmp_path / "train.json"), "--history", str(tmp_path / "history.csv"),
             "--out", str(tmp_path / "test.json"), "--val-out", str(tmp_path / "val.json"),
             "--plots", str(tmp_path / "plots"), "--figures", str(tmp_path / "figures"),
@@ -323,6 +328,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     assert manifest["postprocessing"] == {key: metrics["postprocessing"][key] for key in steps}
     assert manifest["image_size"] == 64 and manifest["networks"][0]["model"]["encoder"] == "resnet18"
     assert manifest["provenance"]["mlflow_run_id"] == summary["run_id"]
+    assert manifest["crop"] == {"weights": "crop.safetensors", "size": 32, "margin": 0.5}  # the crop network too
+    assert "crop_weight" in metrics["postprocessing"]["decisions"]  # decided on validation, with the network there
 
     per_image = pd.read_csv(tmp_path / "plots/per_image.csv")
     assert list(per_image.columns) == ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px",
@@ -384,18 +391,23 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     partial = tmp_path / "partial"
     shutil.copytree(processed, partial)
     (partial / "test.npz").unlink()
+    raw, crop = synthetic_source, tmp_path / "crop.pt"
     with pytest.raises(BusiError, match="test.npz"):
-        evaluate(partial, masks_dir, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv", *outputs)
+        evaluate(partial, raw, masks_dir, tmp_path / "models", crop, tmp_path / "train.json", tmp_path / "history.csv",
+                 *outputs)
     with pytest.raises(BusiError, match="nowhere: model folder not found"):
-        evaluate(processed, masks_dir, tmp_path / "nowhere", tmp_path / "train.json", tmp_path / "history.csv",
-                 *outputs)
+        evaluate(processed, raw, masks_dir, tmp_path / "nowhere", crop, tmp_path / "train.json",
+                 tmp_path / "history.csv", *outputs)
     with pytest.raises(BusiError, match="missing.json: no training run id"):
-        evaluate(processed, masks_dir, tmp_path / "models", tmp_path / "missing.json", tmp_path / "history.csv",
-                 *outputs)
+        evaluate(processed, raw, masks_dir, tmp_path / "models", crop, tmp_path / "missing.json",
+                 tmp_path / "history.csv", *outputs)
     (tmp_path / "other.json").write_text(json.dumps({"run_id": "0" * 32}))
     with pytest.raises(BusiError, match=f"other.json: MLflow run {'0' * 32} is not in the tracking store"):
-        evaluate(processed, masks_dir, tmp_path / "models", tmp_path / "other.json", tmp_path / "history.csv",
-                 *outputs)
+        evaluate(processed, raw, masks_dir, tmp_path / "models", crop, tmp_path / "other.json",
+                 tmp_path / "history.csv", *outputs)
+    with pytest.raises(BusiError, match="nocrop.pt: no such crop network"):
+        evaluate(processed, raw, masks_dir, tmp_path / "models", tmp_path / "nocrop.pt", tmp_path / "train.json",
+                 tmp_path / "history.csv", *outputs)
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "pred").exists()
 
 

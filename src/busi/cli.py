@@ -1,7 +1,7 @@
 """busi: lesion segmentation and classification on breast ultrasound (BUSI).
 
 The pipeline's stages (dvc.yaml runs them in order; `dvc repro` is the usual way):
-  source, fetch, merge-masks, split, preprocess, train, evaluate, evaluate-external
+  source, fetch, merge-masks, split, preprocess, train, train-crop, evaluate, evaluate-external
 and the tools around them: cross-validate, predict, report, ablate, check-metrics.
 Run `busi <command> --help` for one command. `python -m busi` is the same program.
 """
@@ -24,8 +24,8 @@ from busi.model.postprocessing import STEPS, step_settings
 # Commands that read params.yaml; the others run from any directory without one.
 # source runs first on every `dvc repro` (always_changed): validating the whole file there stops a mistyped or
 # unknown key before DVC removes any stage's outputs, even a key no stage depends on.
-NEEDS_PARAMS = {"source", "fetch", "split", "preprocess", "train", "cross-validate", "evaluate", "evaluate-external",
-                "ablate"}
+NEEDS_PARAMS = {"source", "fetch", "split", "preprocess", "train", "train-crop", "cross-validate", "evaluate",
+                "evaluate-external", "ablate"}
 
 
 # The pipeline's files, as the options of the commands that read them (`--data data/processed`, ...).
@@ -101,11 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--metrics", type=Path, default=Path("metrics/train.json"), help="summary: best epoch, run id")
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"), help="per-epoch curves")
 
+    cmd = command("train-crop", "train the crop network on the training split's lesions (stage train_crop)",
+                  "benign against malignant on the square around each lesion, cut from the original image\n"
+                  "(busi.model.crop). Params: crop.",
+                  reads=("raw", "masks", "splits"))
+    cmd.add_argument("--out", type=Path, default=Path("models_crop/crop.pt"), help="the crop network's checkpoint")
+    cmd.add_argument("--metrics", type=Path, default=Path("metrics/train_crop.json"), help="summary")
+
     cmd = command("evaluate", "decide the post-processing on validation, score the test split (stage evaluate)",
                   "Metrics at the original resolution with 95% intervals, plots, figures, and the predictor (the\n"
                   "model predict and serving use), all also logged to the training's MLflow run.",
-                  reads=("masks", "data"))
+                  reads=("raw", "masks", "data"))
     cmd.add_argument("--model", type=Path, default=Path("models"), help="train's checkpoint folder")
+    cmd.add_argument("--crop", type=Path, default=None,
+                     help="train_crop's checkpoint (models_crop/crop.pt): the predictor carries it")
     cmd.add_argument("--train-metrics", type=Path, default=Path("metrics/train.json"), help="train's summary")
     cmd.add_argument("--history", type=Path, default=Path("metrics/train_history.csv"), help="train's curves")
     cmd.add_argument("--out", type=Path, default=Path("metrics/test.json"),
@@ -249,7 +258,8 @@ def redact(text: str) -> str:
 COMMANDS = {
     "source": "busi.stages.source", "fetch": "busi.stages.fetch", "merge-masks": "busi.stages.merge_masks",
     "split": "busi.stages.split", "preprocess": "busi.stages.preprocess", "train": "busi.stages.train",
-    "evaluate": "busi.stages.evaluate", "evaluate-external": "busi.stages.evaluate_external",
+    "train-crop": "busi.stages.train_crop", "evaluate": "busi.stages.evaluate",
+    "evaluate-external": "busi.stages.evaluate_external",
     "cross-validate": "busi.stages.cross_validate", "predict": "busi.commands.predict",
     "report": "busi.commands.report", "ablate": "busi.commands.ablate", "check-metrics": "busi.commands.check_metrics",
 }

@@ -154,6 +154,20 @@ class TrainParams(Section):
     max_train_images: int = Field(ge=0)  # 0: all; a smaller number makes quick smoke runs
 
 
+class CropConfig(Section):
+    """What rebuilds a crop network and cuts its crops (busi.model.crop), saved beside its weights."""
+    size: int = Field(ge=32, le=512)  # the crop's side in pixels
+    margin: float = Field(ge=0, le=2)  # the lesion's box grown by this much of its longer side, each way
+
+
+class CropParams(CropConfig):
+    """The crop network's training (busi.crop_training, stage train_crop)."""
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)  # the one-cycle schedule's peak
+    seed: int
+
+
 class EvaluateParams(Section):
     threshold: float = Field(gt=0, lt=1)  # on the lesion probability
     # step -> auto (decided on the validation split) | on | off | a value; a step left out is off. The steps, and
@@ -180,6 +194,7 @@ class Params(Section):
     model: ModelParams
     augment: AugmentParams
     train: TrainParams
+    crop: CropParams
     evaluate: EvaluateParams
 
     @field_validator("external")

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
-from busi import CLASSES, tracking
+from busi import CLASSES, thread_count, tracking
 from busi.config import NetworkConfig, Params
 from busi.data.arrays import SegmentationDataset, load_split, train_transform
 from busi.files import atomic_file
@@ -298,13 +298,6 @@ def seed_worker(seed: int, worker: int) -> None:
     transform = torch.utils.data.get_worker_info().dataset.transform
     if transform is not None:
         transform.set_random_seed(seed * 1000 + worker)
-
-
-def thread_count() -> int:
-    """OMP_NUM_THREADS when it is set (give each of N parallel workers its share: `OMP_NUM_THREADS=1 dvc queue
-    start -j 2` on 2 cores), else every core this process may use (its CPU affinity, not the machine's count)."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -58,6 +58,17 @@ def read_cases(raw_dir: Path) -> list[Case]:
                 for row in csv.DictReader(f)]
 
 
+def read_originals(raw_dir: Path, ids) -> list[np.ndarray]:
+    """The images `ids` of fetch's output as 8-bit grayscale at their own size, as predict reads a file: what
+    the crop network is cut from."""
+    image_of = {case.image_id: case.image for case in read_cases(raw_dir)}
+    missing = [str(i) for i in ids if str(i) not in image_of]
+    if missing:
+        raise BusiError(f"{raw_dir}: {len(missing)} image(s) of the split are not there (e.g. {missing[0]!r}); "
+                        "run `dvc repro fetch`")
+    return [read_gray(image_of[str(i)]) for i in ids]
+
+
 def read_case(case: Case) -> tuple[np.ndarray, np.ndarray]:
     """The image as 8-bit grayscale and its lesion mask (the OR of its mask files, by the mask rule), checked:
     the files decode, within the pixel limit, and every mask has its image's size. A mask that is not 0/255 is

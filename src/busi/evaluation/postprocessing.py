@@ -35,10 +35,11 @@ def fit_temperature(labels: np.ndarray, class_probabilities: np.ndarray) -> floa
 
 
 def score(postprocessing: PostProcessing, probabilities: np.ndarray, class_probabilities: np.ndarray, arrays: dict,
-          references: list[np.ndarray]) -> tuple[dict, pd.DataFrame, list[np.ndarray]]:
+          references: list[np.ndarray], crop: Callable | None = None) -> tuple[dict, pd.DataFrame, list[np.ndarray]]:
     """A split's metrics, per-image cases and predicted masks under `postprocessing` (its flip TTA is already in
-    the probabilities). ROC-AUC is the head's, whichever way the labels are decided."""
-    masks, labels, class_probabilities = postprocessing.apply(probabilities, class_probabilities, arrays["sizes"])
+    the probabilities; `crop`, where given, classifies the crops around the masks: busi.model.predictor)."""
+    masks, labels, class_probabilities = postprocessing.apply(probabilities, class_probabilities, arrays["sizes"],
+                                                              crop)
     cases = metrics.case_table(arrays["ids"], arrays["labels"], labels, masks, references, class_probabilities)
     return metrics.summary(cases, class_probabilities), cases, masks
 
@@ -57,22 +58,23 @@ class Scored:
 
 def score_split(postprocessing: PostProcessing, probabilities: tuple[np.ndarray, np.ndarray], arrays: dict,
                 references: list[np.ndarray], params: EvaluateParams, groups: list | None = None,
-                title: str = "Test cases") -> Scored:
+                title: str = "Test cases", crop: Callable | None = None) -> Scored:
     """The one way evaluate, cross-validate and evaluate-external score a split they report: `score`, then the
     bootstrap intervals (resampling `groups` whole, e.g. patients, where given) and the best and worst cases."""
-    metrics, cases, masks = score(postprocessing, *probabilities, arrays, references)
+    metrics, cases, masks = score(postprocessing, *probabilities, arrays, references, crop)
     metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed, groups)
     return Scored(metrics, cases, cases_figure(cases, arrays, references, masks, params.figure_cases, title=title))
 
 
 def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], val: dict, references: list,
-           params: EvaluateParams) -> tuple[PostProcessing, dict]:
+           params: EvaluateParams, crop: Callable | None = None) -> tuple[PostProcessing, dict]:
     """The post-processing for `params` on the validation split: steps set on/off (or to a value) in params are
     taken as given; each `auto` step, in the order of STEPS, is tried at each of its values on top of the steps
     decided before it, and keeps the value with the highest mean of its criterion (a tie keeps the earlier value,
     "off" first).
-    `probabilities_of(flip)` predicts the validation images. Returns the post-processing and the validation
-    figures behind each decision ({step: {value: score}})."""
+    `probabilities_of(flip)` predicts the validation images; `crop(masks)` classifies the crops around their
+    masks (without a crop network: None, and the steps that need one stay off). Returns the post-processing and
+    the validation figures behind each decision ({step: {value: score}})."""
     try:
         settings = step_settings(params.postprocessing)
     except ValueError as err:
@@ -83,9 +85,13 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
 
     @functools.cache  # each step tries the post-processing decided so far again: score it once
     def val_metrics(candidate: PostProcessing) -> dict:
-        return score(candidate, *probabilities_of(candidate.flip_tta), val, references)[0]
+        return score(candidate, *probabilities_of(candidate.flip_tta), val, references, crop)[0]
 
+    if crop is None:  # steps at `classes` need a crop network
+        chosen = replace(chosen, **{step.name: step.values[0] for step in STEPS if step.point == "classes"})
     for step in (step for step in STEPS if settings[step.name] == "auto" and len(val["labels"])):
+        if step.point == "classes" and crop is None:
+            continue
         if any(getattr(chosen, other) for other in step.excludes):
             continue  # e.g. labels from the mask: the class already gates the mask
         scores = {}
@@ -100,6 +106,7 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
         record[step.name] = {shown(value): round(figure, 6) for value, figure in scores.items()}
 
     if params.calibration == "temperature" and len(val["labels"]):
-        chosen = replace(chosen, temperature=fit_temperature(val["labels"], probabilities_of(chosen.flip_tta)[1]))
+        uncalibrated = chosen.apply(*probabilities_of(chosen.flip_tta), val["sizes"], crop)[2]  # temperature 1 here
+        chosen = replace(chosen, temperature=fit_temperature(val["labels"], uncalibrated))
         record["temperature"] = {"val_ece_before": val_metrics(replace(chosen, temperature=1.0))["ece"]}
     return chosen, record

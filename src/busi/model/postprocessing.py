@@ -15,7 +15,7 @@ import numpy as np
 
 from busi import CLASSES
 
-NORMAL = CLASSES.index("normal")
+BENIGN, MALIGNANT, NORMAL = (CLASSES.index(name) for name in ("benign", "malignant", "normal"))
 
 
 def regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +34,9 @@ def thresholded(probability: np.ndarray, height: int, width: int, threshold: flo
 # The steps' functions. `value` is the step's value, never its "off" (then the step is not called). Where each
 # acts, by its Step's `point`:
 #   mask    f(mask, value) -> mask: each image's boolean mask at its own size, after the threshold
+#   classes f(class_probabilities, crop_malignant, value) -> class_probabilities: once the masks are drawn, with
+#           the crop network's malignant probability around each mask's lesion (NaN: none drawn); steps here
+#           need a crop network (busi.model.crop) and are skipped without one
 #   labels  f(labels, class_probabilities, lesion_areas, value) -> labels: every image's class index
 #   gate    f(mask, probability, label, value) -> mask: each image's mask once its label is known
 #   input   no function here: the predictor applies it to the networks' input (busi.model.predictor)
@@ -48,6 +51,18 @@ def keep_largest_region(mask: np.ndarray, _on: bool = True) -> np.ndarray:
         return mask
     labels, areas = regions(mask)
     return labels == 1 + np.argmax(areas)
+
+
+def average_with_crop(class_probabilities: np.ndarray, crop_malignant: np.ndarray, weight: float) -> np.ndarray:
+    """The class head's split of the lesion probability (benign + malignant) between benign and malignant,
+    averaged with the crop network's malignant probability, `weight` on the crop's, where a crop was classified;
+    the normal probability unchanged."""
+    lesion = class_probabilities[:, BENIGN] + class_probabilities[:, MALIGNANT]
+    head = class_probabilities[:, MALIGNANT] / np.maximum(lesion, 1e-12)
+    share = np.where(np.isnan(crop_malignant), head, (1 - weight) * head + weight * np.nan_to_num(crop_malignant))
+    averaged = np.array(class_probabilities, dtype=float)
+    averaged[:, MALIGNANT], averaged[:, BENIGN] = lesion * share, lesion * (1 - share)
+    return averaged
 
 
 def label_from_mask(labels: np.ndarray, class_probabilities: np.ndarray, lesion_areas: np.ndarray,
@@ -94,6 +109,9 @@ STEPS = (  # in the order they are decided, and applied at each point
          ("dice_per_image_all",), "mask", drop_small_regions, values=(0.0, 0.001, 0.002, 0.005, 0.01)),
     Step("largest_component", "keep only the largest lesion region", ("dice_per_image",), "mask",
          keep_largest_region),
+    # The crop network's weight against the class head's (the head's probabilities are not yet calibrated here).
+    Step("crop_weight", "average the crop network's malignant probability with the class head's, this weight on it",
+         ("f1_weighted", "auc_malignant_vs_benign"), "classes", average_with_crop, values=(0.0, 0.25, 0.5, 0.75)),
     Step("label_from_mask", "no predicted lesion -> normal, else the more probable of benign and malignant",
          ("f1_weighted",), "labels", label_from_mask),
     # Judged on every image (an empty mask on an image without lesion scores 1): it trades lesions lost on
@@ -154,10 +172,17 @@ class Transform:
             labels = function(labels, class_probabilities, lesion_areas, value)
         return labels
 
-    def apply(self, probabilities: np.ndarray, class_probabilities: np.ndarray,
-              sizes: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """Masks at each image's (height, width) in `sizes`, class indices and calibrated class probabilities."""
+    def apply(self, probabilities: np.ndarray, class_probabilities: np.ndarray, sizes: np.ndarray,
+              crop: Callable[[list[np.ndarray]], np.ndarray] | None = None,
+              ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Masks at each image's (height, width) in `sizes`, class indices and calibrated class probabilities.
+        `crop(masks)` is the crop network's malignant probability around each mask's lesion (the predictor's,
+        which holds the original images); without it, the steps at `classes` are skipped."""
         masks = [self.mask(p, h, w) for p, (h, w) in zip(probabilities, sizes, strict=True)]
+        if crop is not None and self.steps("classes"):
+            crop_malignant = crop(masks)
+            for function, value in self.steps("classes"):
+                class_probabilities = function(class_probabilities, crop_malignant, value)
         labels = self.labels(class_probabilities, np.array([np.count_nonzero(m) for m in masks]))
         for function, value in self.steps("gate"):
             masks = [function(m, p, label, value) for m, p, label in zip(masks, probabilities, labels, strict=True)]

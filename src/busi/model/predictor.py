@@ -7,9 +7,11 @@ weights), with nothing to unpickle:
 
     predictor.json          format, classes, image size, post-processing, and per network its configuration
     network-0.safetensors   the weights of network 0 (safetensors)
+    crop.safetensors        the crop network's, where it has one (busi.model.crop; its configuration in the json)
 
 An image of any size goes in as 8-bit grayscale; it is resized to the training size (bilinear, as preprocess
-does), predicted, and its lesion probability mapped back to the image's own size before the threshold.
+does), predicted, and its lesion probability mapped back to the image's own size before the threshold; the crop
+network, where there is one, classifies the crop around the lesion drawn, cut from the image as it was handed in.
 """
 
 import json
@@ -29,6 +31,7 @@ from busi import CLASSES, BusiError
 from busi.config import NetworkConfig
 from busi.files import atomic_dir
 from busi.model.checkpoint import load_checkpoint, load_network
+from busi.model.crop import CropClassifier, crop_classifier
 from busi.model.postprocessing import PostProcessing
 
 MANIFEST = "predictor.json"
@@ -55,6 +58,7 @@ class Predictor:
     configs: list[NetworkConfig]
     postprocessing: PostProcessing = field(default_factory=PostProcessing)
     provenance: dict = field(default_factory=dict)  # where it came from (checkpoints, epochs, MLflow run)
+    crop: CropClassifier | None = None  # the second network on the lesion crop, where the model has one
 
     def __post_init__(self):
         sizes = {config.image_size for config in self.configs}
@@ -69,6 +73,8 @@ class Predictor:
     def to(self, device: str | torch.device) -> "Predictor":
         for network in self.networks:
             network.to(device)
+        if self.crop is not None:
+            self.crop.to(device)
         return self
 
     @torch.no_grad()
@@ -107,9 +113,17 @@ class Predictor:
             return []
         probabilities, class_probabilities = self.probabilities(np.stack([self.resize(image) for image in images]))
         masks, labels, class_probabilities = self.postprocessing.apply(probabilities, class_probabilities,
-                                                                       np.array([image.shape for image in images]))
+                                                                       np.array([image.shape for image in images]),
+                                                                       self.crops_of(images))
         return [Prediction(mask, CLASSES[label], {name: float(p) for name, p in zip(CLASSES, probs, strict=True)})
                 for mask, label, probs in zip(masks, labels, class_probabilities, strict=True)]
+
+    def crops_of(self, images: list[np.ndarray]):
+        """What the post-processing calls with the masks it drew on `images` (8-bit grayscale, each at its own
+        size): the crop network's malignant probability around each lesion; None without a crop network."""
+        if self.crop is None:
+            return None
+        return lambda masks: self.crop.malignant(images, masks)
 
     def save(self, folder: Path) -> None:
         """Write the predictor folder atomically (it replaces an earlier one only once complete)."""
@@ -120,6 +134,9 @@ class Predictor:
                 weights = f"network-{i}.safetensors"
                 save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, tmp / weights)
                 manifest["networks"].append({"weights": weights, "model": config.model.model_dump(mode="json")})
+            if self.crop is not None:
+                save_file(self.crop.state(), tmp / "crop.safetensors")
+                manifest["crop"] = {"weights": "crop.safetensors", **self.crop.config.model_dump()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     @classmethod
@@ -156,24 +173,34 @@ def load_predictor(path: Path) -> Predictor:
         configs = [NetworkConfig.model_validate({"model": entry["model"], "image_size": manifest["image_size"]},
                                                 strict=False) for entry in manifest["networks"]]
         weights = [path / entry["weights"] for entry in manifest["networks"]]
+        crop = manifest.get("crop")
+        if crop is not None:
+            crop = dict(crop)
+            crop_weights = path / crop.pop("weights")
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0]
         if isinstance(err, KeyError):
             detail = f"missing field {err.args[0]!r}"
         raise BusiError(f"{path / MANIFEST}: not a valid predictor manifest ({type(err).__name__}: {detail})") from None
-    networks = []
-    for config, file in zip(configs, weights, strict=True):
-        if file.parent.resolve() != path.resolve():  # weights named like ../x stay inside the folder
-            raise BusiError(f"{path / MANIFEST}: weights file {file.name!r} is outside the predictor folder")
-        try:
-            state = load_file(file)
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
-            detail = (str(err).splitlines() or [type(err).__name__])[0]
-            raise BusiError(f"{file}: cannot read the weights ({detail})") from None
-        if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
-            raise BusiError(f"{file}: the weights hold NaN or infinite values")
-        networks.append(load_network(config, state, file))
-    return Predictor(networks, configs, postprocessing, manifest.get("provenance", {}))
+    networks = [load_network(config, read_weights(path, file), file) for config, file in zip(configs, weights,
+                                                                                            strict=True)]
+    if crop is not None:
+        crop = crop_classifier(crop, read_weights(path, crop_weights), path / MANIFEST)
+    return Predictor(networks, configs, postprocessing, manifest.get("provenance", {}), crop)
+
+
+def read_weights(folder: Path, file: Path) -> dict:
+    """A safetensors file of the predictor folder: inside it, readable, every value finite."""
+    if file.parent.resolve() != folder.resolve():  # weights named like ../x stay inside the folder
+        raise BusiError(f"{folder / MANIFEST}: weights file {file.name!r} is outside the predictor folder")
+    try:
+        state = load_file(file)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a truncated file
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
+        raise BusiError(f"{file}: cannot read the weights ({detail})") from None
+    if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
+        raise BusiError(f"{file}: the weights hold NaN or infinite values")
+    return state
 
 
 def load_model(model: str) -> Predictor:

@@ -15,28 +15,33 @@ import torch
 from busi import BusiError, tracking
 from busi.config import EvaluateParams
 from busi.data.arrays import load_split, read_references
+from busi.data.cases import read_originals
 from busi.evaluation import figures, postprocessing
 from busi.evaluation.metric_files import write_metrics
 from busi.evaluation.metrics import CASE_COLUMNS
 from busi.files import atomic_file
 from busi.model import serving
+from busi.model.crop import load_crop_checkpoint
 from busi.model.predictor import Predictor
 
 FIGURE_1 = "figure1_loss_iou.png"
 FIGURE_2 = "figure2_contours.png"
 
 
-def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_json: Path, history_csv: Path,
-             params: EvaluateParams, out_json: Path, plots_dir: Path, figures_dir: Path, val_json: Path,
-             predictor_dir: Path) -> tuple[dict, str]:
-    """Write predictor/, test.json and val.json (each with its _detail.json), the plot CSVs and figures, log them
-    to the training's MLflow run; returns the test metrics and the MLflow model URI."""
+def evaluate(data_dir: Path, raw_dir: Path, masks_dir: Path, model_dir: Path, crop: Path | None,
+             train_metrics_json: Path, history_csv: Path, params: EvaluateParams, out_json: Path, plots_dir: Path,
+             figures_dir: Path, val_json: Path, predictor_dir: Path) -> tuple[dict, str]:
+    """Write predictor/ (the network, and the crop network where `crop` names one), test.json and val.json (each
+    with its _detail.json), the plot CSVs and figures, log them to the training's MLflow run; returns the test
+    metrics and the MLflow model URI."""
     run_id = tracking.training_run_id(train_metrics_json)  # before any work: a missing run fails at once
     history = read_history(history_csv)
     if not Path(model_dir).exists():
         raise BusiError(f"{model_dir}: model folder not found; run `dvc repro train`")
     predictor = Predictor.from_checkpoints([Path(model_dir) / "best.pt" if Path(model_dir).is_dir() else model_dir])
     predictor.provenance["mlflow_run_id"] = run_id
+    if crop is not None:
+        predictor.crop = load_crop_checkpoint(crop)
     predictor.to("cuda" if torch.cuda.is_available() else "cpu")
     val, test = load_split(data_dir, "val"), load_split(data_dir, "test")
     for name, arrays in (("val", val), ("test", test)):
@@ -48,17 +53,22 @@ def evaluate(data_dir: Path, masks_dir: Path, model_dir: Path, train_metrics_jso
 
     # Post-processing is chosen on the validation split, whose metrics under that choice are what experiments
     # are compared on (val.json); the test split only reports.
+    # The originals (as predict reads them) for the crop network; the reference masks at their size.
+    val_images, test_images = (read_originals(raw_dir, split["ids"]) for split in (val, test))
+    val_references, test_references = (read_references(masks_dir, split) for split in (val, test))
+
     print(f"evaluate: deciding the post-processing on {len(val['labels'])} validation images", flush=True)
-    val_references = read_references(masks_dir, val)
     val_probabilities = functools.cache(lambda flip: predictor.probabilities(val["images"], flip=flip))
-    predictor.postprocessing, decisions = postprocessing.decide(val_probabilities, val, val_references, params)
+    val_crops = predictor.crops_of(val_images)
+    predictor.postprocessing, decisions = postprocessing.decide(val_probabilities, val, val_references, params,
+                                                                val_crops)
     print(f"evaluate: chosen on validation: {predictor.postprocessing.describe()}", flush=True)
     val_metrics = (postprocessing.score(predictor.postprocessing, *val_probabilities(predictor.postprocessing.flip_tta),
-                                        val, val_references)[0] if len(val["labels"]) else {"images": 0})
+                                        val, val_references, val_crops)[0] if len(val["labels"]) else {"images": 0})
 
     print(f"evaluate: scoring {len(test['labels'])} test images", flush=True)
     scored = postprocessing.score_split(predictor.postprocessing, predictor.probabilities(test["images"]), test,
-                                        read_references(masks_dir, test), params)
+                                        test_references, params, crop=predictor.crops_of(test_images))
     metrics, cases = scored.metrics, scored.cases
     metrics["postprocessing"] = predictor.postprocessing.to_dict() | {"decisions": decisions}
 
@@ -93,7 +103,8 @@ def read_history(history_csv: Path) -> pd.DataFrame:
 
 
 def run(args, params) -> str:
-    metrics, model_uri = evaluate(args.data, args.masks, args.model, args.train_metrics, args.history,
-                                  params.evaluate, args.out, args.plots, args.figures, args.val_out, args.predictor)
+    metrics, model_uri = evaluate(args.data, args.raw, args.masks, args.model, args.crop, args.train_metrics,
+                                  args.history, params.evaluate, args.out, args.plots, args.figures, args.val_out,
+                                  args.predictor)
     return (f"test dice {metrics.get('dice', float('nan')):.3f}, iou {metrics.get('iou', float('nan')):.3f}, "
             f"f1_weighted {metrics['f1_weighted']:.3f}; predictor in {args.predictor}, MLflow model {model_uri}")

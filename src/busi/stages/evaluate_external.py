@@ -38,14 +38,16 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
 
     predictor = load_model(model)
     run = tracking.model_run(predictor.provenance.get("mlflow_run_id"), model) if log else None
-    arrays, references = read_dataset(dataset, predictor.resize, seen_images(raw_dir, splits_csv))
+    arrays, references = read_dataset(dataset, predictor.resize, seen_images(raw_dir, splits_csv),
+                                      originals=predictor.crop is not None)
     counts = ", ".join(f"{np.count_nonzero(arrays['labels'] == i)} {c}" for i, c in enumerate(CLASSES))
     print(f"evaluate-external: {name}: {len(references)} images ({counts}); "
           f"{predictor.postprocessing.describe()} (chosen on BUSI validation)", flush=True)
     # Images of one patient are not independent: where the dataset names the patients, whole patients are drawn.
     groups = [group or image_id for group, image_id in zip(arrays["groups"], arrays["ids"], strict=True)]
     scored = postprocessing.score_split(predictor.postprocessing, predictor.probabilities(arrays["images"]), arrays,
-                                        references, params, groups, title=f"External: {name}")
+                                        references, params, groups, title=f"External: {name}",
+                                        crop=predictor.crops_of(arrays.get("originals", [])))
     metrics, cases = scored.metrics, scored.cases
     if run is not None:
         busi_test = {key: tracking.metric(run, "test", key) for key, value in metrics.items()
@@ -85,10 +87,12 @@ def seen_images(raw_dir: Path, splits_csv: Path) -> dict[str, str]:
             if case.image_id in seen}
 
 
-def read_dataset(dataset: ExternalDataset, resize, seen: dict[str, str]) -> tuple[dict, list[np.ndarray]]:
-    """The dataset's images at the model's size (`resize`), with ids, labels, groups and original sizes, and the
-    reference masks at the original size. A .zip is unpacked to a temporary folder, inside it only. An image
-    byte-identical to one of `seen` (sha256: training image id) is refused: the check must be of unseen data."""
+def read_dataset(dataset: ExternalDataset, resize, seen: dict[str, str],
+                 originals: bool = False) -> tuple[dict, list[np.ndarray]]:
+    """The dataset's images at the model's size (`resize`), with ids, labels, groups and original sizes (and,
+    with `originals`, the images as they are: for a crop network), and the reference masks at the original size.
+    A .zip is unpacked to a temporary folder, inside it only. An image byte-identical to one of `seen` (sha256:
+    training image id) is refused: the check must be of unseen data."""
     path = Path(dataset.path).expanduser()
     if not path.exists():
         raise BusiError(f"{path}: no such folder or .zip (params: external dataset path)")
@@ -108,17 +112,20 @@ def read_dataset(dataset: ExternalDataset, resize, seen: dict[str, str]) -> tupl
                 raise BusiError(f"{path}: {len(leaked)} images are byte-identical to images the model was trained "
                                 f"or selected on (e.g. {leaked[0][0]!r} = {leaked[0][1]!r}): an external dataset "
                                 "must be unseen")
-            images, references = [], []
+            images, references, kept = [], [], []
             for case in cases:
                 image, mask = read_case(case)
                 images.append(resize(image))
                 references.append(mask)
+                kept += [image] if originals else []
         except BusiError as err:  # name the member of the user's archive, not the temporary folder
             raise BusiError(str(err).replace(f"{tmp}/", f"{path}: ")) from None
     arrays = {"images": np.stack(images), "ids": np.array([case.image_id for case in cases]),
               "labels": np.array([CLASSES.index(case.label) for case in cases], dtype=np.int64),
               "groups": [case.group for case in cases],
               "sizes": np.array([mask.shape for mask in references], dtype=np.int32)}
+    if originals:
+        arrays["originals"] = kept
     return arrays, references
 
 
