@@ -63,7 +63,7 @@ def test_the_crop_weight_is_decided_on_validation_and_off_without_a_crop_network
     chosen, record = decide(head_says((probabilities, head)), val, references, params(**fixed), crop)
     # weighted F1 (all benign: 1/3; all right: 1) and malignant AUC (the head's constant: 0.5; with the crop: 1):
     # weight 0.25 leaves the malignant share at 0.75 x 1/3 + 0.25 x 0.9 = 0.475 < 0.5, still benign.
-    assert record["crop_weight"] == pytest.approx({"off": (1 / 3 + 0.5) / 2, "0.25": (1 / 3 + 1) / 2, "0.5": 1.0,
+    assert record["crop_weight"] == pytest.approx({"0": (1 / 3 + 0.5) / 2, "0.25": (1 / 3 + 1) / 2, "0.5": 1.0,
                                                    "0.75": 1.0}, abs=1e-6)
     assert chosen.crop_weight == 0.5 and crops  # a tie keeps the smaller weight
     # Without a crop network there is nothing to weigh: off, even where params force it on.
