@@ -279,7 +279,7 @@ def store(tmp_path, monkeypatch):
 def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_source, tmp_path, store, monkeypatch,
                                                      capsys):
     run_params = tiny_params(epochs=1)
-    run_params = run_params.model_copy(update={"evaluate": params(bootstrap=50)})
+    run_params = run_params.model_copy(update={"evaluate": params(bootstrap=50, crop_weight="auto")})
     (tmp_path / "params.yaml").write_text(json.dumps(run_params.model_dump(mode="json")))
     summary = train(processed, run_params, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv")
     masks_dir = processed.parent / "masks"

@@ -227,8 +227,8 @@ def test_the_predictor_post_processing_applies_without_flags_and_flags_override(
         return json.loads((out / "predictions.jsonl").read_text()), result.stderr, out
 
     record, said, out = run()
-    assert ("predict: threshold 0.6, flip tta on, min lesion area off, largest component on, label from mask on, "
-            "mask from label off, temperature 1.00 (from") in said
+    assert ("predict: threshold 0.6, flip tta on, min lesion area off, largest component on, crop weight off, "
+            "label from mask on, mask from label off, temperature 1.00 (from") in said
     mask = (np.asarray(Image.open(out / record["mask"])) > 0).astype(np.uint8)
     assert mask.any() and cv2.connectedComponents(mask)[0] == 2  # background + one region
     assert record["label"] in ("benign", "malignant")  # a lesion: not normal
@@ -236,7 +236,8 @@ def test_the_predictor_post_processing_applies_without_flags_and_flags_override(
     assert (overlay[:8, :120] == 0).mean() > 0.5  # the caption's dark band, top left
 
     plain, said, out = run("--threshold", "0.5", "--no-flip-tta", "--no-largest-component", "--no-label-from-mask")
-    assert "threshold 0.5, flip tta off, min lesion area off, largest component off, label from mask off" in said
+    assert ("threshold 0.5, flip tta off, min lesion area off, largest component off, crop weight off, "
+            "label from mask off") in said
     assert "threshold, flip_tta, largest_component, label_from_mask from the command line" in said
     probs = plain["probabilities"]
     assert plain["label"] == max(probs, key=probs.get)
