@@ -8,8 +8,10 @@ from busi.cli import main
 from busi.commands.ablate import ablate, markdown
 from busi.config import NetworkConfig, load_params
 from busi.model.checkpoint import save_checkpoint
+from busi.model.crop import save_crop_checkpoint
 from busi.model.network import build_model
 from conftest import PARAMS_FILE, SIZE
+from test_crop import constant_crop_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +25,7 @@ def checkpoint(tmp_path):
     return tmp_path / "models"
 
 
-def test_one_row_per_step_on_the_validation_split(processed, checkpoint, tmp_path, monkeypatch):
+def test_one_row_per_step_on_the_validation_split(processed, synthetic_source, checkpoint, tmp_path, monkeypatch):
     read = []
     monkeypatch.setattr("busi.commands.ablate.load_split",
                         lambda d, name: read.append(name) or dict(np.load(d / f"{name}.npz")))
@@ -38,6 +40,11 @@ def test_one_row_per_step_on_the_validation_split(processed, checkpoint, tmp_pat
     text = markdown(table)
     assert text.splitlines()[0].startswith("| model | post-processing | IoU | Dice |")
     assert len(text.splitlines()) == 2 + 6  # header, rule, a row per step
+
+    # With a crop network beside the checkpoint, the crop weight is a row too (where STEPS has it).
+    save_crop_checkpoint(tmp_path / "crop.pt", constant_crop_network(0.9))
+    table = ablate([checkpoint], processed, processed.parent / "masks", 0.5, tmp_path / "crop.pt", synthetic_source)
+    assert list(table["post-processing"])[3:5] == ["+ largest_component on", "+ crop_weight 0.75"]
 
 
 def test_a_checkpoint_of_another_size_is_one_error(processed, checkpoint, tmp_path, monkeypatch, capsys):

@@ -184,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "with (default: the oldest cross-validation with out-of-fold predictions)")
 
     cmd = command("ablate", "validation metrics as each post-processing step is added (never the test split)",
-                  reads=("masks", "data"))
+                  reads=("raw", "masks", "data"))
     cmd.add_argument("models", nargs="+", type=Path, help="checkpoint folders or files")
+    cmd.add_argument("--crop", type=Path, default=None,
+                     help="a crop network (models_crop/crop.pt) beside each checkpoint: adds the crop weight's row")
 
     cmd = command("check-metrics", "fail when test metrics drop below a baseline beyond tolerance (the CI gate)")
     cmd.add_argument("new", type=Path, help="new metrics JSON (e.g. metrics/test.json)")
