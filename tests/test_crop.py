@@ -79,7 +79,7 @@ def constant_crop_network(malignant: float) -> CropClassifier:
     with torch.no_grad():
         network.fc.weight.zero_()
         network.fc.bias.copy_(torch.tensor([0.0, math.log(malignant / (1 - malignant))]))
-    return CropClassifier(network.eval(), CropConfig(size=32, margin=0.5))
+    return CropClassifier([network.eval()], CropConfig(size=32, margin=0.5))
 
 
 def test_the_predictor_carries_the_crop_network_and_predict_applies_it(tmp_path):
@@ -98,15 +98,15 @@ def test_the_predictor_carries_the_crop_network_and_predict_applies_it(tmp_path)
 
     predictor.save(tmp_path / "predictor")
     manifest = json.loads((tmp_path / "predictor" / "predictor.json").read_text())
-    assert manifest["crop"] == {"weights": "crop.safetensors", "size": 32, "margin": 0.5}
+    assert manifest["crop"] == {"weights": ["crop-0.safetensors"], "size": 32, "margin": 0.5}
     loaded = load_predictor(tmp_path / "predictor")
     assert [p.probabilities for p in loaded.predict(images)] == pytest.approx([p.probabilities for p in predictions])
     assert Predictor([network], [config], postprocessing).predict(images)[0].probabilities != \
         predictions[0].probabilities  # without it, the head alone
 
     # A manifest that anyone may have edited: one line naming what is wrong.
-    for crop, message in (({"weights": "../crop.safetensors", "size": 32, "margin": 0.5}, "outside the predictor"),
-                          ({"weights": "crop.safetensors", "size": 7, "margin": 0.5},
+    for crop, message in (({"weights": ["../crop-0.safetensors"], "size": 32, "margin": 0.5}, "outside the predictor"),
+                          ({"weights": ["crop-0.safetensors"], "size": 7, "margin": 0.5},
                            "invalid crop network configuration: size"),
                           ({"size": 32, "margin": 0.5}, "missing field 'weights'"),
                           ([1, 2], "not a valid predictor manifest")):

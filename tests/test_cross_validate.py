@@ -13,6 +13,7 @@ from busi import BusiError
 from busi.commands.report import report
 from busi.config import load_grid
 from busi.data.arrays import load_split
+from busi.model.crop import load_crop_checkpoint
 from busi.model.predictor import Predictor, load_predictor
 from busi.stages.cross_validate import cross_validate
 from busi.training import thread_count
@@ -22,11 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow  # a whole process or training (tens of seconds)
-def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, tmp_path, store):
+def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, synthetic_source, tmp_path, store):
     splits = processed.parent / "splits.csv"  # 2 folds (conftest)
     params = tiny_params(epochs=1)
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap": 20})})
-    result = cross_validate(processed, splits, processed.parent / "masks", params, tmp_path / "cv")
+    result = cross_validate(processed, splits, processed.parent / "masks", params, tmp_path / "cv",
+                            raw_dir=synthetic_source)
 
     assert result["folds"] == 2 and set(result["per_fold"]) == {"0", "1"}
     for name in ("dice", "f1_weighted"):
@@ -48,6 +50,14 @@ def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, tmp_path
     parts = [fold.probabilities(images, flip=False) for fold in folds]
     np.testing.assert_allclose(masks, (parts[0][0] + parts[1][0]) / 2, atol=1e-6)
     np.testing.assert_allclose(classes, (parts[0][1] + parts[1][1]) / 2, atol=1e-6)
+    # ... and both folds' crop networks, each trained on its fold's training images, their probabilities averaged.
+    crops = [load_crop_checkpoint(tmp_path / f"cv/folds/fold-{k}/crop.pt") for k in (0, 1)]
+    assert len(ensemble.crop.networks) == 2 and all(state["params"] == params.crop.model_dump() for _, state in crops)
+    lesion = [np.ones((30, 40), bool)] * 2
+    pictures = [np.random.default_rng(k).integers(0, 255, (30, 40), dtype=np.uint8) for k in (0, 1)]
+    np.testing.assert_allclose(ensemble.crop.malignant(pictures, lesion),
+                               (crops[0][0].malignant(pictures, lesion) + crops[1][0].malignant(pictures, lesion)) / 2,
+                               atol=1e-6)
 
     # MLflow: one parent with the fold mean ± sd, the ensemble's test metrics and model; a child run per fold.
     parent = store.get_run(result["run_id"])

@@ -328,7 +328,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     assert manifest["postprocessing"] == {key: metrics["postprocessing"][key] for key in steps}
     assert manifest["image_size"] == 64 and manifest["networks"][0]["model"]["encoder"] == "resnet18"
     assert manifest["provenance"]["mlflow_run_id"] == summary["run_id"]
-    assert manifest["crop"] == {"weights": "crop.safetensors", "size": 32, "margin": 0.5}  # the crop network too
+    assert manifest["crop"] == {"weights": ["crop-0.safetensors"], "size": 32, "margin": 0.5}  # the crop network
     assert "crop_weight" in metrics["postprocessing"]["decisions"]  # decided on validation, with the network there
 
     per_image = pd.read_csv(tmp_path / "plots/per_image.csv")

@@ -50,14 +50,15 @@ def parents(client):
                    and "busi.report" not in run.data.tags), key=lambda run: run.info.run_name)
 
 
-def grid_command(processed, tmp_path, out):
+def grid_command(processed, raw, tmp_path, out):
     params = tiny_params(epochs=EPOCHS, patience=EPOCHS)
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap": 20})})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     (tmp_path / "grid.yaml").write_text("default: {}\nfaster: {train.lr: 0.002}\n")
     return [sys.executable, "-m", "busi", "cross-validate", "--params", str(tmp_path / "params.yaml"),
             "--grid", str(tmp_path / "grid.yaml"), "--data", str(processed), "--splits",
-            str(processed.parent / "splits.csv"), "--masks", str(processed.parent / "masks"), "--out", str(out)]
+            str(processed.parent / "splits.csv"), "--raw", str(raw), "--masks", str(processed.parent / "masks"),
+            "--out", str(out)]
 
 
 def cv_rows(report_md):
@@ -71,9 +72,9 @@ def cv_rows(report_md):
 
 
 def test_the_grid_on_a_two_node_ray_cluster_survives_a_killed_worker(ray_cluster, tracking_server, processed,
-                                                                      tmp_path):
+                                                                      synthetic_source, tmp_path):
     url, _, _ = tracking_server
-    command = grid_command(processed, tmp_path, tmp_path / "on_ray")
+    command = grid_command(processed, synthetic_source, tmp_path, tmp_path / "on_ray")
     env = run_env(**ray_cluster, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1")
     log = tmp_path / "grid.log"
     with log.open("w") as out:
@@ -113,7 +114,7 @@ def test_the_grid_on_a_two_node_ray_cluster_survives_a_killed_worker(ray_cluster
 
     # The single-machine path, same grid and seeds, its own sqlite store: the same table.
     local_env = run_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", OMP_NUM_THREADS="1")
-    sh(*grid_command(processed, tmp_path, tmp_path / "here"), cwd=tmp_path, env=local_env)
+    sh(*grid_command(processed, synthetic_source, tmp_path, tmp_path / "here"), cwd=tmp_path, env=local_env)
     here = tmp_path / "here.md"
     sh(sys.executable, "-m", "busi", "report", "--out", str(here), cwd=tmp_path, env=local_env)
     assert cv_rows(on_ray) == cv_rows(here)

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = command("cross-validate", "train every fold of train+val, score the fold ensemble once on test",
                   "The stage of cv/dvc.yaml (`dvc repro cv/dvc.yaml`). Each fold is an MLflow child run of one\n"
                   "parent run; the post-processing is decided on the out-of-fold predictions.",
-                  reads=("masks", "data"))
+                  reads=("raw", "masks", "data"))
     cmd.add_argument("--splits", type=Path, default=Path("data/splits.csv"), help="split's output (its fold column)")
     cmd.add_argument("--out", type=Path, default=Path("cv/results"),
                      help="folds/ (checkpoints), predictor/ (the fold ensemble), cv.json, test.json, per_image.csv")

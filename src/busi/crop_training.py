@@ -66,7 +66,7 @@ def train_crop_network(images: list[np.ndarray], references: list[np.ndarray], l
     summary = {"images": len(lesions), "benign": int(counts[0]), "malignant": int(counts[1]),
                "epochs": params.epochs, "loss": float(np.mean(losses)),
                "minutes": round((time.perf_counter() - started) / 60, 2)}
-    return CropClassifier(network.cpu().eval(), config), summary
+    return CropClassifier([network.cpu().eval()], config), summary
 
 
 def jittered(image: np.ndarray, box: tuple[int, int, int, int], size: int, rng: np.random.Generator) -> np.ndarray:

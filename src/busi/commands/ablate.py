@@ -44,7 +44,7 @@ def ablate(models: list[Path], data_dir: Path, masks_dir: Path, threshold: float
     rows = []
     for path in models:
         predictor = Predictor.from_checkpoints([path])
-        predictor.crop = load_crop_checkpoint(crop) if crop else None
+        predictor.crop = load_crop_checkpoint(crop)[0] if crop else None
         predictor.to("cuda" if torch.cuda.is_available() else "cpu")
         if val["images"].shape[1] != predictor.image_size:
             raise BusiError(f"{path}: trained at {predictor.image_size} px, but {data_dir} holds "

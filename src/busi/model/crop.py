@@ -56,58 +56,67 @@ def cut(image: np.ndarray, box: tuple[int, int, int, int], size: int, margin: fl
 
 @dataclass
 class CropClassifier:
-    network: nn.Module
+    networks: list[nn.Module]  # one, or a fold ensemble's (their probabilities averaged)
     config: CropConfig  # size and margin only (a CropParams' training settings stay with the training)
 
     @torch.no_grad()
     def malignant(self, images: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray:
         """The malignant probability (against benign) of the crop around each mask's largest region, averaged
-        with the crop's mirror image; NaN where the mask is empty."""
+        over the networks and with the crop's mirror image; NaN where the mask is empty."""
         shares = np.full(len(images), np.nan)
         drawn = [i for i, mask in enumerate(masks) if mask.any()]
         crops = np.stack([cut(images[i], box_of(keep_largest_region(masks[i])), self.config.size,
                               self.config.margin) for i in drawn]) if drawn else np.zeros((0, 1, 1), np.uint8)
-        self.network.eval()
-        device = next(self.network.parameters()).device
         for start in range(0, len(drawn), BATCH):
-            x = torch.from_numpy(crops[start : start + BATCH]).unsqueeze(1).float().div(255).to(device)
-            p = (torch.softmax(self.network(x).float(), 1) + torch.softmax(self.network(x.flip(3)).float(), 1)) / 2
-            shares[drawn[start : start + BATCH]] = p[:, 1].cpu().numpy()
+            total = 0
+            for network in self.networks:
+                network.eval()
+                x = torch.from_numpy(crops[start : start + BATCH]).unsqueeze(1).float().div(255)
+                x = x.to(next(network.parameters()).device)
+                total = total + torch.softmax(network(x).float(), 1) + torch.softmax(network(x.flip(3)).float(), 1)
+            shares[drawn[start : start + BATCH]] = (total / (2 * len(self.networks)))[:, 1].cpu().numpy()
         return shares
 
     def to(self, device: str | torch.device) -> "CropClassifier":
-        self.network.to(device)
+        for network in self.networks:
+            network.to(device)
         return self
 
-    def state(self) -> dict:
-        return {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+    def states(self) -> list[dict]:
+        return [{k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+                for network in self.networks]
 
 
-def crop_classifier(config: dict, weights: dict, source: Path | str) -> CropClassifier:
-    """A crop network from its configuration and weights; anything wrong is one BusiError naming `source`."""
+def crop_classifier(config: dict, weights: list[dict], source: Path | str) -> CropClassifier:
+    """A crop network (or an ensemble of them) from its configuration and weights; anything wrong is one
+    BusiError naming `source`."""
     try:
         config = CropConfig.model_validate(config, strict=False)
     except ValidationError as err:
         first = err.errors()[0]
         raise BusiError(f"{source}: invalid crop network configuration: {'.'.join(map(str, first['loc']))}: "
                         f"{first['msg']}") from None
-    network = build_crop_network()
-    try:
-        network.load_state_dict(weights)
-    except (RuntimeError, TypeError) as err:
-        raise BusiError(f"{source}: the weights do not fit the crop network ({' '.join(str(err).split())[:300]})")\
-            from None
-    return CropClassifier(network.eval(), config)
+    networks = []
+    for state in weights:
+        network = build_crop_network()
+        try:
+            network.load_state_dict(state)
+        except (RuntimeError, TypeError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise BusiError(f"{source}: the weights do not fit the crop network ({detail})") from None
+        networks.append(network.eval())
+    return CropClassifier(networks, config)
 
 
 def save_crop_checkpoint(path: Path, classifier: CropClassifier, **extra) -> None:
-    """The crop stage's output: weights + configuration (+ what the training says in `extra`), atomically."""
+    """The crop stage's output: one network's weights + configuration (+ what the training says in `extra`),
+    written atomically."""
     with atomic_file(path) as tmp:
-        torch.save({"model": classifier.state(), "config": classifier.config.model_dump(), **extra}, tmp)
+        torch.save({"model": classifier.states()[0], "config": classifier.config.model_dump(), **extra}, tmp)
 
 
-def load_crop_checkpoint(path: Path) -> CropClassifier:
-    """Read with weights_only=True: nothing is unpickled."""
+def load_crop_checkpoint(path: Path) -> tuple[CropClassifier, dict]:
+    """The crop network and everything saved beside it; read with weights_only=True: nothing is unpickled."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -116,4 +125,4 @@ def load_crop_checkpoint(path: Path) -> CropClassifier:
         raise BusiError(f"{path}: not a readable crop network checkpoint ({type(err).__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise BusiError(f"{path}: not a crop network checkpoint (no configuration beside the weights)")
-    return crop_classifier(state["config"], state["model"], path)
+    return crop_classifier(state["config"], [state["model"]], path), state

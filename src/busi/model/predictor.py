@@ -7,7 +7,7 @@ weights), with nothing to unpickle:
 
     predictor.json          format, classes, image size, post-processing, and per network its configuration
     network-0.safetensors   the weights of network 0 (safetensors)
-    crop.safetensors        the crop network's, where it has one (busi.model.crop; its configuration in the json)
+    crop-0.safetensors      the crop network's, where it has one (busi.model.crop; its configuration in the json)
 
 An image of any size goes in as 8-bit grayscale; it is resized to the training size (bilinear, as preprocess
 does), predicted, and its lesion probability mapped back to the image's own size before the threshold; the crop
@@ -135,8 +135,10 @@ class Predictor:
                 save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, tmp / weights)
                 manifest["networks"].append({"weights": weights, "model": config.model.model_dump(mode="json")})
             if self.crop is not None:
-                save_file(self.crop.state(), tmp / "crop.safetensors")
-                manifest["crop"] = {"weights": "crop.safetensors", **self.crop.config.model_dump()}
+                manifest["crop"] = {**self.crop.config.model_dump(), "weights": []}
+                for i, state in enumerate(self.crop.states()):
+                    save_file(state, tmp / f"crop-{i}.safetensors")
+                    manifest["crop"]["weights"].append(f"crop-{i}.safetensors")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     @classmethod
@@ -176,7 +178,7 @@ def load_predictor(path: Path) -> Predictor:
         crop = manifest.get("crop")
         if crop is not None:
             crop = dict(crop)
-            crop_weights = path / crop.pop("weights")
+            crop_weights = [path / name for name in crop.pop("weights")]
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0]
         if isinstance(err, KeyError):
@@ -185,7 +187,7 @@ def load_predictor(path: Path) -> Predictor:
     networks = [load_network(config, read_weights(path, file), file) for config, file in zip(configs, weights,
                                                                                             strict=True)]
     if crop is not None:
-        crop = crop_classifier(crop, read_weights(path, crop_weights), path / MANIFEST)
+        crop = crop_classifier(crop, [read_weights(path, file) for file in crop_weights], path / MANIFEST)
     return Predictor(networks, configs, postprocessing, manifest.get("provenance", {}), crop)
 
 

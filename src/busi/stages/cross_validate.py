@@ -4,12 +4,14 @@ every fold of train+val, and its fold ensemble scored once on the test split, as
 1. For each fold of data/splits.csv (group-aware, stratified: copies of a scan never straddle two folds), train
    on the other folds and validate on it (busi.training, unchanged: each fold is an MLflow child run), here
    or as Ray tasks (busi.distributed); a grid file trains several configurations' folds at once.
-2. Predict every train+val image with the network that did not see it: the out-of-fold (OOF) predictions.
+2. Each fold's crop network (busi.model.crop) learns on the same training images, here, after the folds
+   (`folds/fold-<k>/crop.pt`, kept while params' crop section is the same).
+3. Predict every train+val image with the networks that did not see it: the out-of-fold (OOF) predictions.
    The post-processing is decided on them (busi.evaluation.postprocessing.decide), as evaluate decides it on the
    validation split; each fold's metrics under it give the mean ± sd.
-3. The fold ensemble: every fold's network, probabilities averaged, with that post-processing, is one predictor
-   (`<out>/predictor`, and the parent run's MLflow model) that predict and serving use like a single model;
-   scored once on the test split, with 95% bootstrap intervals.
+4. The fold ensemble: every fold's network and crop network, probabilities averaged, with that post-processing,
+   is one predictor (`<out>/predictor`, and the parent run's MLflow model) that predict and serving use like a
+   single model; scored once on the test split, with 95% bootstrap intervals.
 """
 
 import json
@@ -22,19 +24,23 @@ import torch
 
 from busi import BusiError, tracking
 from busi.config import Params, load_grid
+from busi.crop_training import train_crop_network
 from busi.data.arrays import load_split, read_references
+from busi.data.cases import read_originals
 from busi.distributed import FoldJob, on_ray, run_folds, subset
 from busi.evaluation import postprocessing
 from busi.evaluation.metrics import CASE_COLUMNS, keys, value
 from busi.files import atomic_file
 from busi.model import serving
+from busi.model.crop import CropClassifier, load_crop_checkpoint, save_crop_checkpoint
 from busi.model.postprocessing import step_settings
 from busi.model.predictor import Predictor
 from busi.training import is_trained
 
 
 def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Params, out_dir: Path,
-                   grid: dict[str, Params] | None = None, cpus: float = 1, gpus: float = 0) -> dict:
+                   grid: dict[str, Params] | None = None, cpus: float = 1, gpus: float = 0,
+                   raw_dir: Path = Path("data/raw")) -> dict:
     """Train every fold, decide the post-processing on the OOF predictions, write and score the fold ensemble;
     returns the summary written to `<out_dir>/cv.json`. With a `grid` ({name: params}), every configuration's
     folds train at once (on Ray, busi.distributed, when RAY_ADDRESS is set), each configuration in
@@ -62,8 +68,9 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
         print(f"cross-validate: {len(jobs)} folds to train ({len(configs)} configuration(s) x {len(folds)} folds) "
               f"{where}", flush=True)
         run_folds(jobs, pool, cpus, gpus)
+        originals = {"pool": read_originals(raw_dir, pool["ids"]), "test": read_originals(raw_dir, test["ids"])}
         results = {name: score_folds(pool, fold_of, folds, test, masks_dir, config, Path(out_dir) / name,
-                                     parents[name], started)
+                                     parents[name], started, originals)
                    for name, config in configs.items()}
     except BaseException as err:
         for parent in parents.values():
@@ -74,9 +81,13 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
 
 
 def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, masks_dir: Path, params: Params,
-                out_dir: Path, parent: str, started: float) -> dict:
-    """The OOF predictions of one configuration's trained folds, the post-processing decided on them, the fold
-    ensemble scored on test; everything written to `out_dir` and logged to the `parent` run."""
+                out_dir: Path, parent: str, started: float, originals: dict[str, list[np.ndarray]]) -> dict:
+    """The OOF predictions of one configuration's trained folds (with their crop networks, trained here where
+    missing), the post-processing decided on them, the fold ensemble scored on test; everything written to
+    `out_dir` and logged to the `parent` run. `originals`: the images of pool and test at their own size."""
+    pool_references = read_references(masks_dir, pool)
+    crops = [fold_crop_network(out_dir / "folds" / f"fold-{fold}", fold_of != fold, pool, originals["pool"],
+                               pool_references, params) for fold in folds]
     networks, configs, oof = [], [], {flip: [] for flip in (False, True)}
     for fold in folds:
         held = fold_of == fold
@@ -91,18 +102,30 @@ def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, m
     pool = subset(pool, order)
     fold_of = fold_of[order]
     stacked = {flip: tuple(np.concatenate(part) for part in zip(*oof[flip], strict=True)) for flip in oof}
-    references = read_references(masks_dir, pool)
-    chosen, decisions = postprocessing.decide(lambda flip: stacked[flip], pool, references, params.evaluate)
+    references = [pool_references[i] for i in order]
+    images = [originals["pool"][i] for i in order]
+
+    def oof_crops(masks: list[np.ndarray]) -> np.ndarray:  # each fold's crop network on its held-out images
+        malignant = np.full(len(masks), np.nan)
+        for fold, crop in zip(folds, crops, strict=True):
+            rows = np.flatnonzero(fold_of == fold)
+            malignant[rows] = crop.malignant([images[i] for i in rows], [masks[i] for i in rows])
+        return malignant
+
+    chosen, decisions = postprocessing.decide(lambda flip: stacked[flip], pool, references, params.evaluate,
+                                              oof_crops)
     print(f"cross-validate: chosen on the out-of-fold predictions: {chosen.describe()}", flush=True)
-    oof_metrics, oof_cases, _ = postprocessing.score(chosen, *stacked[chosen.flip_tta], pool, references)
+    oof_metrics, oof_cases, _ = postprocessing.score(chosen, *stacked[chosen.flip_tta], pool, references, oof_crops)
     per_fold = [fold_metrics(oof_cases[fold_of == fold]) for fold in folds]
 
     ensemble = Predictor(networks, configs, chosen, {"mlflow_run_id": parent, "folds": folds,
-                                                     "checkpoints": [f"folds/fold-{f}/best.pt" for f in folds]})
+                                                     "checkpoints": [f"folds/fold-{f}/best.pt" for f in folds]},
+                         CropClassifier([crop.networks[0] for crop in crops], crops[0].config))
     print(f"cross-validate: scoring the {len(folds)}-fold ensemble on {len(test['labels'])} test images",
           flush=True)
     scored = postprocessing.score_split(chosen, ensemble.probabilities(test["images"]), test,
-                                        read_references(masks_dir, test), params.evaluate)
+                                        read_references(masks_dir, test), params.evaluate,
+                                        crop=ensemble.crops_of(originals["test"]))
     metrics, cases = scored.metrics, scored.cases
     metrics["postprocessing"] = chosen.to_dict() | {"decisions": decisions}
     result = {"folds": len(folds), "minutes": round((time.perf_counter() - started) / 60, 2),
@@ -117,6 +140,24 @@ def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, m
                                         serving, cv=result)
     return result | {"test": metrics, "run_id": parent, "model_uri": model_uri}
 
+
+
+def fold_crop_network(fold_dir: Path, rows: np.ndarray, pool: dict, originals: list[np.ndarray],
+                      references: list[np.ndarray], params: Params) -> CropClassifier:
+    """The fold's crop network, trained on the pool's `rows` (its training images) unless `fold_dir/crop.pt`
+    holds one of these crop params already. Trained here, one fold after another, not on Ray: it needs the
+    original images, and takes minutes where a fold's U-Net takes most of an hour on a CPU."""
+    path = fold_dir / "crop.pt"
+    if path.is_file():
+        crop, state = load_crop_checkpoint(path)
+        if state.get("params") == params.crop.model_dump():
+            return crop
+    rows = np.flatnonzero(rows)
+    print(f"cross-validate: training {fold_dir.name}'s crop network on {len(rows)} images", flush=True)
+    crop, summary = train_crop_network([originals[i] for i in rows], [references[i] for i in rows],
+                                       pool["labels"][rows], params.crop)
+    save_crop_checkpoint(path, crop, summary=summary, params=params.crop.model_dump())
+    return crop
 
 
 def folds_of(ids: np.ndarray, splits_csv: Path) -> np.ndarray:
@@ -165,7 +206,7 @@ def run(args, params: Params) -> str:
         except ValueError as err:
             raise BusiError(f"{args.grid}: {name}: {err}") from None
     result = cross_validate(args.data, args.splits, args.masks, params, args.out, grid, args.cpus_per_fold,
-                            args.gpus_per_fold)
+                            args.gpus_per_fold, args.raw)
     if grid:
         return "; ".join(f"{name}: validation dice {r['mean']['dice']:.3f}, ensemble test dice "
                          f"{r['test']['dice']:.3f} (MLflow run {r['run_id']})" for name, r in result.items())

@@ -41,7 +41,7 @@ def evaluate(data_dir: Path, raw_dir: Path, masks_dir: Path, model_dir: Path, cr
     predictor = Predictor.from_checkpoints([Path(model_dir) / "best.pt" if Path(model_dir).is_dir() else model_dir])
     predictor.provenance["mlflow_run_id"] = run_id
     if crop is not None:
-        predictor.crop = load_crop_checkpoint(crop)
+        predictor.crop = load_crop_checkpoint(crop)[0]
     predictor.to("cuda" if torch.cuda.is_available() else "cpu")
     val, test = load_split(data_dir, "val"), load_split(data_dir, "test")
     for name, arrays in (("val", val), ("test", test)):
