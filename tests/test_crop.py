@@ -109,6 +109,7 @@ def test_the_predictor_carries_the_crop_network_and_predict_applies_it(tmp_path)
                           ({"weights": ["crop-0.safetensors"], "size": 7, "margin": 0.5},
                            "invalid crop network configuration: size"),
                           ({"size": 32, "margin": 0.5}, "missing field 'weights'"),
+                          ({"weights": [], "size": 32, "margin": 0.5}, "crop.weights \\[\\] is not a list of weights"),
                           ([1, 2], "not a valid predictor manifest")):
         (tmp_path / "predictor" / "predictor.json").write_text(json.dumps(manifest | {"crop": crop}))
         with pytest.raises(BusiError, match=message):

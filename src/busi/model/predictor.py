@@ -178,7 +178,10 @@ def load_predictor(path: Path) -> Predictor:
         crop = manifest.get("crop")
         if crop is not None:
             crop = dict(crop)
-            crop_weights = [path / name for name in crop.pop("weights")]
+            names = crop.pop("weights")
+            if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+                raise ValueError(f"crop.weights {names!r} is not a list of weights files")
+            crop_weights = [path / name for name in names]
     except (OSError, ValueError, KeyError, TypeError, ValidationError) as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0]
         if isinstance(err, KeyError):
