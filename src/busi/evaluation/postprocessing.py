@@ -73,8 +73,11 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
     decided before it, and keeps the value with the highest mean of its criterion (a tie keeps the earlier value,
     "off" first).
     `probabilities_of(flip)` predicts the validation images; `crop(masks)` classifies the crops around their
-    masks (without a crop network: None, and the steps that need one stay off). Returns the post-processing and
-    the validation figures behind each decision ({step: {value: score}})."""
+    masks (without a crop network: None, and the steps that need one stay off). With `evaluate.calibration:
+    temperature`, the temperature is fitted on the class head's validation probabilities (by likelihood) and
+    every candidate is scored with it, so the crop network is weighed against the calibrated head, as inference
+    applies it. Returns the post-processing and the validation figures behind each decision
+    ({step: {value: score}})."""
     try:
         settings = step_settings(params.postprocessing)
     except ValueError as err:
@@ -87,6 +90,15 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
     def val_metrics(candidate: PostProcessing) -> dict:
         return score(candidate, *probabilities_of(candidate.flip_tta), val, references, crop)[0]
 
+    @functools.cache
+    def temperature(flip: bool) -> float:  # the head's probabilities depend on flip TTA only
+        return fit_temperature(val["labels"], probabilities_of(flip)[1])
+
+    def calibrated(candidate: PostProcessing) -> PostProcessing:
+        if params.calibration != "temperature" or not len(val["labels"]):
+            return candidate
+        return replace(candidate, temperature=temperature(candidate.flip_tta))
+
     if crop is None:  # steps at `classes` need a crop network
         chosen = replace(chosen, **{step.name: step.values[0] for step in STEPS if step.point == "classes"})
     for step in (step for step in STEPS if settings[step.name] == "auto" and len(val["labels"])):
@@ -96,7 +108,7 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
             continue  # e.g. labels from the mask: the class already gates the mask
         scores = {}
         for value in step.values:
-            figures = val_metrics(replace(chosen, **{step.name: value}))
+            figures = val_metrics(calibrated(replace(chosen, **{step.name: value})))
             defined = [figures[key] for key in step.criterion if not np.isnan(figures.get(key, np.nan))]
             scores[value] = float(np.mean(defined)) if defined else np.nan
         if np.isnan(list(scores.values())).any():
@@ -105,8 +117,7 @@ def decide(probabilities_of: Callable[[bool], tuple[np.ndarray, np.ndarray]], va
         chosen = replace(chosen, **{step.name: best})
         record[step.name] = {shown(value): round(figure, 6) for value, figure in scores.items()}
 
-    if params.calibration == "temperature" and len(val["labels"]):
-        uncalibrated = chosen.apply(*probabilities_of(chosen.flip_tta), val["sizes"], crop)[2]  # temperature 1 here
-        chosen = replace(chosen, temperature=fit_temperature(val["labels"], uncalibrated))
+    chosen = calibrated(chosen)
+    if chosen.temperature != 1.0:
         record["temperature"] = {"val_ece_before": val_metrics(replace(chosen, temperature=1.0))["ece"]}
     return chosen, record

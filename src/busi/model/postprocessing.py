@@ -34,9 +34,9 @@ def thresholded(probability: np.ndarray, height: int, width: int, threshold: flo
 # The steps' functions. `value` is the step's value, never its "off" (then the step is not called). Where each
 # acts, by its Step's `point`:
 #   mask    f(mask, value) -> mask: each image's boolean mask at its own size, after the threshold
-#   classes f(class_probabilities, crop_malignant, value) -> class_probabilities: once the masks are drawn, with
-#           the crop network's malignant probability around each mask's lesion (NaN: none drawn); steps here
-#           need a crop network (busi.model.crop) and are skipped without one
+#   classes f(class_probabilities, crop_malignant, value) -> class_probabilities (the head's, calibrated), once
+#           the masks are drawn, with the crop network's malignant probability around each mask's lesion (NaN:
+#           none drawn); steps here need a crop network (busi.model.crop) and are skipped without one
 #   labels  f(labels, class_probabilities, lesion_areas, value) -> labels: every image's class index
 #   gate    f(mask, probability, label, value) -> mask: each image's mask once its label is known
 #   input   no function here: the predictor applies it to the networks' input (busi.model.predictor)
@@ -109,7 +109,7 @@ STEPS = (  # in the order they are decided, and applied at each point
          ("dice_per_image_all",), "mask", drop_small_regions, values=(0.0, 0.001, 0.002, 0.005, 0.01)),
     Step("largest_component", "keep only the largest lesion region", ("dice_per_image",), "mask",
          keep_largest_region),
-    # The crop network's weight against the class head's (the head's probabilities are not yet calibrated here).
+    # The crop network's weight against the class head's (the head's probabilities calibrated by then).
     Step("crop_weight", "average the crop network's malignant probability with the class head's, this weight on it",
          ("f1_weighted", "auc_malignant_vs_benign"), "classes", average_with_crop, values=(0.0, 0.25, 0.5, 0.75)),
     Step("label_from_mask", "no predicted lesion -> normal, else the more probable of benign and malignant",
@@ -175,10 +175,12 @@ class Transform:
     def apply(self, probabilities: np.ndarray, class_probabilities: np.ndarray, sizes: np.ndarray,
               crop: Callable[[list[np.ndarray]], np.ndarray] | None = None,
               ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """Masks at each image's (height, width) in `sizes`, class indices and calibrated class probabilities.
+        """Masks at each image's (height, width) in `sizes`, class indices and class probabilities (calibrated, and
+        with the crop network's say).
         `crop(masks)` is the crop network's malignant probability around each mask's lesion (the predictor's,
         which holds the original images); without it, the steps at `classes` are skipped."""
         masks = [self.mask(p, h, w) for p, (h, w) in zip(probabilities, sizes, strict=True)]
+        class_probabilities = self.calibrate(class_probabilities)  # the head's, before the crop network's say
         if crop is not None and self.steps("classes"):
             crop_malignant = crop(masks)
             for function, value in self.steps("classes"):
@@ -186,7 +188,7 @@ class Transform:
         labels = self.labels(class_probabilities, np.array([np.count_nonzero(m) for m in masks]))
         for function, value in self.steps("gate"):
             masks = [function(m, p, label, value) for m, p, label in zip(masks, probabilities, labels, strict=True)]
-        return masks, labels, self.calibrate(class_probabilities)
+        return masks, labels, class_probabilities
 
     def to_dict(self) -> dict:
         return asdict(self)
