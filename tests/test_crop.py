@@ -45,6 +45,14 @@ def test_the_crop_networks_say_is_averaged_into_the_benign_malignant_split():
     np.testing.assert_allclose(averaged, [[0.34, 0.46, 0.2], [0.6, 0.2, 0.2]])
     np.testing.assert_allclose(average_with_crop(heads, np.array([0.9, 0.1]), 0.75)[:, 1],
                                [0.8 * (0.25 * 0.25 + 0.75 * 0.9), 0.8 * (0.25 * 0.25 + 0.75 * 0.1)])
+    # In the transform the head is calibrated first: temperature 2 makes (0.6, 0.2, 0.2) proportional to their
+    # square roots, (0.464, 0.268, 0.268): lesion mass 0.732, malignant share 0.366, averaged with 0.9: 0.633.
+    square_lesion = np.zeros((1, 8, 8), np.float32)
+    square_lesion[0, 2:6, 2:6] = 1
+    _, labels, probabilities = PostProcessing(temperature=2.0, crop_weight=0.5).apply(
+        square_lesion, heads[:1], np.array([[8, 8]]), lambda masks: np.array([0.9]))
+    np.testing.assert_allclose(probabilities, [[0.26865, 0.46340, 0.26795]], atol=1e-5)
+    assert labels[0] == CLASSES.index("malignant")  # the head alone said benign
 
 
 def test_the_crop_weight_is_decided_on_validation_and_off_without_a_crop_network(tmp_path):
