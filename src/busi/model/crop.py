@@ -18,12 +18,11 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from busi import CLASSES, BusiError
+from busi import BusiError
 from busi.config import CropConfig
 from busi.files import atomic_file
 from busi.model.postprocessing import keep_largest_region
 
-BENIGN, MALIGNANT = CLASSES.index("benign"), CLASSES.index("malignant")
 BATCH = 32  # crops per forward pass
 
 
