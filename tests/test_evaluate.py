@@ -332,10 +332,11 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     assert "crop_weight" in metrics["postprocessing"]["decisions"]  # decided on validation, with the network there
 
     per_image = pd.read_csv(tmp_path / "plots/per_image.csv")
-    assert list(per_image.columns) == ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px",
-                                       "predicted_area_px", "tp", "fp", "fn", "tn", "p_benign", "p_malignant",
-                                       "p_normal"]
+    assert list(per_image.columns) == ["image_id", "group", "label", "predicted_label", "dice", "iou",
+                                       "lesion_area_px", "predicted_area_px", "tp", "fp", "fn", "tn", "p_benign",
+                                       "p_malignant", "p_normal"]
     assert list(per_image.image_id) == list(test["ids"])
+    assert list(per_image.group) == list(test["groups"])  # each image's scan: the bootstrap draws them whole
     for row in per_image.itertuples():  # reference areas counted at the original resolution
         original = cv2.imread(str(masks_dir / f"{row.image_id}.png"), cv2.IMREAD_GRAYSCALE)
         assert row.lesion_area_px == np.count_nonzero(original)
@@ -528,6 +529,24 @@ def test_paired_bootstrap_on_constructed_models(tmp_path):
     assert worse["dice"]["difference"] == -better["dice"]["difference"] and worse["dice"]["high"] < 0
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap(good, half.iloc[:-1], resamples=10, seed=0)
+
+
+def test_paired_bootstrap_draws_whole_scans(tmp_path):
+    """Two models that differ on one scan only, filed ten times (ten copies: one group), among 30 scans of one
+    image each. Drawn image by image, every resample holds some of the ten copies and the difference looks
+    certain; drawn by scan, the scan is left out of about a third of the resamples ((1 - 1/31)^31 = 0.36), so the
+    interval reaches zero: one scan is one measurement, however often it is filed."""
+    references = [square(i % 10, i % 10, side=6) for i in range(40)]
+    labels = ["benign"] * 40
+    good = score_masks(tmp_path / "good", references, references, labels)
+    misses = score_masks(tmp_path / "misses", references, [EMPTY] * 10 + references[10:], labels)
+    assert list(good["group"]) == list(good["image_id"])  # no groups known: each image its own
+    by_image = paired_bootstrap(good, misses, resamples=500, seed=0)["dice_per_image"]
+    assert by_image["difference"] == pytest.approx(10 / 40) and by_image["low"] > 0 and by_image["p"] < 0.01
+    scans = ["scan 0"] * 10 + [f"scan {i}" for i in range(1, 31)]
+    good, misses = good.assign(group=scans), misses.assign(group=scans)
+    by_scan = paired_bootstrap(good, misses, resamples=500, seed=0)["dice_per_image"]
+    assert by_scan["difference"] == by_image["difference"] and by_scan["low"] == 0 and 0.5 < by_scan["p"] < 0.9
 
 
 

@@ -160,7 +160,7 @@ def test_evaluate_external_writes_metrics_csv_figure_and_logs_them_beside_busi(e
     assert detail["difference"]["dice"] == pytest.approx(headline["dice"] - 0.7)
     assert detail["ci95"]["dice"]["low"] <= headline["dice"] <= detail["ci95"]["dice"]["high"]
     cases = pd.read_csv(project / "metrics/external/hospital-b_per_image.csv")
-    assert len(cases) == 8 and cases["case"].nunique() == 4 and {"p_malignant", "dice"} <= set(cases.columns)
+    assert len(cases) == 8 and cases["group"].nunique() == 4 and {"p_malignant", "dice"} <= set(cases.columns)
     assert (project / "reports/figures/external_hospital-b_cases.png").stat().st_size > 10_000
 
     run = store.get_run(run_id)
@@ -265,7 +265,7 @@ def test_patients_are_drawn_whole_in_the_bootstrap():
     cases["dice"] = 2 * tp / (2 * tp + 2 * (40 - tp))
     cases["iou"] = tp / (tp + 2 * (40 - tp))
     cases["lesion_area_px"], cases["predicted_area_px"] = 40, 40
-    patients = np.repeat([f"P{i}" for i in range(20)], 2)
+    by_patient = cases.assign(group=np.repeat([f"P{i}" for i in range(20)], 2))
     width = {name: ci["dice_per_image"]["high"] - ci["dice_per_image"]["low"] for name, ci in
-             {"images": bootstrap_ci(cases, 400, 0), "patients": bootstrap_ci(cases, 400, 0, patients)}.items()}
+             {"images": bootstrap_ci(cases, 400, 0), "patients": bootstrap_ci(by_patient, 400, 0)}.items()}
     assert 1.2 < width["patients"] / width["images"] < 1.7

@@ -29,6 +29,7 @@ def test_one_array_file_per_split(staged, size):
         assert data["images"].shape == data["masks"].shape == (count, size, size)
         assert data["images"].dtype == np.uint8 and set(np.unique(data["masks"])) <= {0, 1}
         assert list(data["ids"]) == [r["image_id"] for r in expected]
+        assert list(data["groups"]) == [r["group"] for r in expected]  # the bootstrap draws whole scans
         assert list(data["labels"]) == [CLASSES.index(r["label"]) for r in expected]
         for image_id, (height, width), mask in zip(data["ids"], data["sizes"], data["masks"], strict=True):
             assert height > 100 and width > 100

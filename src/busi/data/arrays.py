@@ -15,7 +15,8 @@ from busi.config import AugmentParams
 
 
 def load_split(processed_dir: Path, split: str) -> dict[str, np.ndarray]:
-    """images [N,S,S] uint8, masks [N,S,S] 0/1, labels [N], ids [N], sizes [N,2] (original height, width)."""
+    """images [N,S,S] uint8, masks [N,S,S] 0/1, labels [N], ids [N], groups [N] (the scan), sizes [N,2] (original
+    height, width)."""
     path = Path(processed_dir) / f"{split}.npz"
     try:
         with np.load(path, allow_pickle=False) as arrays:

@@ -62,9 +62,11 @@ def value(cases: pd.DataFrame, key: str) -> float:
 
 
 # The per-image table (metrics/plots/per_image.csv, the MLflow table): the pixel counts and class probabilities
-# let every metric be recomputed over any subset of images (bootstrap, paired comparisons).
+# let every metric be recomputed over any subset of images (bootstrap, paired comparisons). `group`: the scan
+# (BUSI's copies and frames of one scan, data/splits.csv) or the patient an image belongs to, its own id where
+# none is known: the unit the bootstrap draws, since images of one scan or patient are not independent.
 PROBABILITY_COLUMNS = [f"p_{name}" for name in CLASSES]
-CASE_COLUMNS = ["image_id", "label", "predicted_label", "dice", "iou", "lesion_area_px", "predicted_area_px",
+CASE_COLUMNS = ["image_id", "group", "label", "predicted_label", "dice", "iou", "lesion_area_px", "predicted_area_px",
                 "tp", "fp", "fn", "tn", *PROBABILITY_COLUMNS]
 
 
@@ -79,10 +81,10 @@ def lookup(metrics: dict, key: str):
 
 
 def case_table(ids, labels, predicted_labels, predictions: list[np.ndarray], references: list[np.ndarray],
-               class_probabilities: np.ndarray) -> pd.DataFrame:
-    """One row per image: pixel counts, Dice and IoU (NaN where reference and prediction are both empty),
-    reference and predicted lesion areas, the class probabilities [N,3]. `labels` and `predicted_labels` are
-    class indices."""
+               class_probabilities: np.ndarray, groups=None) -> pd.DataFrame:
+    """One row per image: its group (`groups`, an empty one or None: the image's id), pixel counts, Dice and IoU
+    (NaN where reference and prediction are both empty), reference and predicted lesion areas, the class
+    probabilities [N,3]. `labels` and `predicted_labels` are class indices."""
     rows = []
     for image_id, label, predicted_label, predicted, reference in zip(ids, labels, predicted_labels, predictions,
                                                                       references, strict=True):
@@ -91,6 +93,9 @@ def case_table(ids, labels, predicted_labels, predictions: list[np.ndarray], ref
         rows.append({"image_id": str(image_id), "label": CLASSES[label], "predicted_label": CLASSES[predicted_label],
                      "tp": tp, "fp": fp, "fn": fn, "tn": reference.size - tp - fp - fn})
     cases = pd.DataFrame(rows, columns=["image_id", "label", "predicted_label", "tp", "fp", "fn", "tn"])
+    groups = [None] * len(cases) if groups is None else list(groups)
+    cases.insert(1, "group", [str(group) if group else image_id for group, image_id in
+                              zip(groups, cases["image_id"], strict=True)])
     tp, fp, fn = (cases[c].to_numpy(float) for c in ("tp", "fp", "fn"))
     with np.errstate(invalid="ignore"):  # 0/0: both empty
         cases["dice"] = 2 * tp / (2 * tp + fp + fn)
@@ -195,20 +200,31 @@ def per_class_metrics(cases: pd.DataFrame) -> dict:
     return per_class
 
 
-def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) -> dict:
-    """95% percentile intervals of every `interval` metric over `resamples` draws of images with replacement
-    (pooled metrics are recomputed over each draw's pixels). With `groups` (one per image, e.g. the patient), whole
-    groups are drawn: images of one patient are not independent. A metric undefined in a draw skips that draw."""
+def rows_by_group(cases: pd.DataFrame) -> list[np.ndarray]:
+    """The row positions of each group of the per-image table (its `group` column; without one, each image is a
+    group of its own, as in tables written before the column existed)."""
+    if "group" not in cases:
+        return [np.array([i]) for i in range(len(cases))]
+    return list(pd.Series(np.arange(len(cases))).groupby(cases["group"].to_numpy(), sort=True).apply(np.array))
+
+
+def draw(rng: np.random.Generator, rows_of: list[np.ndarray]) -> np.ndarray:
+    """One bootstrap resample: as many groups as there are, drawn with replacement, each with all its rows."""
+    return np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+
+
+def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int) -> dict:
+    """95% percentile intervals of every `interval` metric over `resamples` draws of the table's groups with
+    replacement, each with all its images (pooled metrics are recomputed over each draw's pixels): copies of one
+    scan, or images of one patient, are not independent measurements. A metric undefined in a draw skips that
+    draw."""
     names = keys("interval")
     if not resamples or not len(cases):
         return {}
-    rng = np.random.default_rng(seed)
-    rows_of = (list(pd.Series(np.arange(len(cases))).groupby(list(groups), sort=True).apply(list))
-               if groups is not None else [[i] for i in range(len(cases))])
+    rng, rows_of = np.random.default_rng(seed), rows_by_group(cases)
     draws = []
     for _ in range(resamples):
-        picked = rng.integers(0, len(rows_of), len(rows_of))
-        sample = cases.iloc[[row for i in picked for row in rows_of[i]]]
+        sample = cases.iloc[draw(rng, rows_of)]
         draws.append([value(sample, name) for name in names])
     with warnings.catch_warnings():  # an all-NaN column (no lesion at all) gives NaN, dropped below
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -219,17 +235,17 @@ def bootstrap_ci(cases: pd.DataFrame, resamples: int, seed: int, groups=None) ->
 
 def paired_bootstrap(cases_a: pd.DataFrame, cases_b: pd.DataFrame, resamples: int, seed: int) -> dict:
     """Model A minus model B on the same images, for each `paired` metric: the difference, its 95% percentile
-    interval over `resamples` draws of images with replacement (the same draw for both models: the pairing),
-    and a two-sided bootstrap p-value (twice the share of draws on the far side of zero, at most 1). A
-    difference is beyond noise when its interval excludes zero."""
+    interval over `resamples` draws of A's groups with replacement (as bootstrap_ci; the same draw for both
+    models: the pairing), and a two-sided bootstrap p-value (twice the share of draws on the far side of zero, at
+    most 1). A difference is beyond noise when its interval excludes zero."""
     a = cases_a.set_index("image_id")
     b = cases_b.set_index("image_id").reindex(a.index)
     if b["label"].isna().any() or len(a) != len(cases_b):
         raise ValueError("paired comparison needs the same images on both sides")
-    rng, paired = np.random.default_rng(seed), keys("paired")
+    rng, paired, rows_of = np.random.default_rng(seed), keys("paired"), rows_by_group(a)
     draws = []
     for _ in range(resamples):
-        rows = rng.integers(0, len(a), len(a))
+        rows = draw(rng, rows_of)
         draws.append([value(a.iloc[rows], name) - value(b.iloc[rows], name) for name in paired])
     draws = np.array(draws, dtype=float).reshape(-1, len(paired))
     out = {}

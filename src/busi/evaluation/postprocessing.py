@@ -40,7 +40,8 @@ def score(postprocessing: PostProcessing, probabilities: np.ndarray, class_proba
     the probabilities; `crop`, where given, classifies the crops around the masks: busi.model.predictor)."""
     masks, labels, class_probabilities = postprocessing.apply(probabilities, class_probabilities, arrays["sizes"],
                                                               crop)
-    cases = metrics.case_table(arrays["ids"], arrays["labels"], labels, masks, references, class_probabilities)
+    cases = metrics.case_table(arrays["ids"], arrays["labels"], labels, masks, references, class_probabilities,
+                               arrays.get("groups"))
     return metrics.summary(cases, class_probabilities), cases, masks
 
 
@@ -57,12 +58,13 @@ class Scored:
 
 
 def score_split(postprocessing: PostProcessing, probabilities: tuple[np.ndarray, np.ndarray], arrays: dict,
-                references: list[np.ndarray], params: EvaluateParams, groups: list | None = None,
-                title: str = "Test cases", crop: Callable | None = None) -> Scored:
+                references: list[np.ndarray], params: EvaluateParams, title: str = "Test cases",
+                crop: Callable | None = None) -> Scored:
     """The one way evaluate, cross-validate and evaluate-external score a split they report: `score`, then the
-    bootstrap intervals (resampling `groups` whole, e.g. patients, where given) and the best and worst cases."""
+    bootstrap intervals (drawing the split's groups whole: arrays["groups"], the scans or patients) and the best
+    and worst cases."""
     metrics, cases, masks = score(postprocessing, *probabilities, arrays, references, crop)
-    metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed, groups)
+    metrics["ci95"] = bootstrap_ci(cases, params.bootstrap, params.seed)
     return Scored(metrics, cases, cases_figure(cases, arrays, references, masks, params.figure_cases, title=title))
 
 

@@ -43,10 +43,10 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
     counts = ", ".join(f"{np.count_nonzero(arrays['labels'] == i)} {c}" for i, c in enumerate(CLASSES))
     print(f"evaluate-external: {name}: {len(references)} images ({counts}); "
           f"{predictor.postprocessing.describe()} (chosen on BUSI validation)", flush=True)
-    # Images of one patient are not independent: where the dataset names the patients, whole patients are drawn.
-    groups = [group or image_id for group, image_id in zip(arrays["groups"], arrays["ids"], strict=True)]
+    # Images of one patient are not independent: where the dataset names the patients (arrays["groups"]), the
+    # bootstrap draws whole patients.
     scored = postprocessing.score_split(predictor.postprocessing, predictor.probabilities(arrays["images"]), arrays,
-                                        references, params, groups, title=f"External: {name}",
+                                        references, params, title=f"External: {name}",
                                         crop=predictor.crops_of(arrays.get("originals", [])))
     metrics, cases = scored.metrics, scored.cases
     if run is not None:
@@ -54,11 +54,9 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
                      if isinstance(value, int | float) and key != "images"}
         metrics["busi_test"] = {key: value for key, value in busi_test.items() if value is not None}
         metrics["difference"] = {key: metrics[key] - value for key, value in metrics["busi_test"].items()}
-    cases.insert(1, "case", arrays["groups"])
-
     out_dir, figures_dir = Path(out_dir), Path(figures_dir)
     write_metrics(out_dir / f"{name}.json", metrics)
-    scored.write_cases(out_dir / f"{name}_per_image.csv", ["case", *CASE_COLUMNS])
+    scored.write_cases(out_dir / f"{name}_per_image.csv")
     with atomic_file(figures_dir / f"external_{name}_cases.png") as tmp:
         scored.figure.savefig(tmp, format="png", dpi=120)
     print(comparison_table(metrics))
@@ -67,7 +65,7 @@ def evaluate_external(name: str, dataset: ExternalDataset, model: str, params: E
               flush=True)
         tracking.log_external(run.info.run_id, name, {k: v for k, v in metrics.items()
                                                       if k not in ("busi_test", "difference")},
-                              cases[["case", *CASE_COLUMNS]], scored.figure)
+                              cases[CASE_COLUMNS], scored.figure)
     return metrics
 
 

@@ -14,7 +14,8 @@ from busi.files import atomic_dir
 
 
 def preprocess(raw_dir: Path, masks_dir: Path, splits_csv: Path, image_size: int, out_dir: Path) -> dict:
-    """Write `<out_dir>/<split>.npz` with images, masks, labels, ids and original sizes; returns counts."""
+    """Write `<out_dir>/<split>.npz` with images, masks, labels, ids, groups (the scan's copy group of
+    splits.csv: the bootstrap draws them whole) and original sizes; returns counts."""
     image_of = {case.image_id: case.image for case in read_cases(raw_dir)}
     with Path(splits_csv).open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -39,6 +40,7 @@ def preprocess(raw_dir: Path, masks_dir: Path, splits_csv: Path, image_size: int
                 masks=np.stack(masks).astype(np.uint8) if masks else np.zeros((0, image_size, image_size), np.uint8),
                 labels=np.array([CLASSES.index(row["label"]) for row in chosen], dtype=np.int64),
                 ids=np.array([row["image_id"] for row in chosen], dtype=str),
+                groups=np.array([row["group"] for row in chosen], dtype=str),
                 sizes=np.array(sizes, dtype=np.int32).reshape(-1, 2),  # original (height, width)
             )
             counts[split] = len(chosen)
