@@ -4,15 +4,16 @@
 
 e.g. the default model against an earlier one: `git show REV:metrics/plots/per_image.csv > old.csv`, then
 `bench/paired.py metrics/plots/per_image.csv old.csv`. Prints, per paired metric of busi.evaluation.metrics.METRICS,
-new, old, new - old with its 95% paired-bootstrap interval and p (the same draw of scans for both models: the
-new table's `group` column; for a table written before it existed, `--splits data/splits.csv` names the groups).
+new and old with their 95% intervals, and new - old with its 95% paired-bootstrap interval and p (the same draw
+of scans for both models: the new table's `group` column; for a table written before it existed, `--splits
+data/splits.csv` names the groups).
 """
 
 import argparse
 
 import pandas as pd
 
-from busi.evaluation.metrics import keys, paired_bootstrap, value
+from busi.evaluation.metrics import bootstrap_ci, keys, paired_bootstrap, value
 
 
 def main() -> None:
@@ -28,13 +29,18 @@ def main() -> None:
         group_of = pd.read_csv(args.splits, dtype=str).set_index("image_id")["group"]
         new["group"] = new["image_id"].map(group_of).fillna(new["image_id"])
     drawn = "scans" if "group" in new and new["group"].nunique() < len(new) else "images"
+    old = old.drop(columns="group", errors="ignore").merge(new[["image_id", "group"]], on="image_id", how="left") \
+        if "group" in new else old
     comparison = paired_bootstrap(new, old, args.resamples, args.seed)
+    intervals = [bootstrap_ci(table, args.resamples, args.seed) for table in (new, old)]
     print(f"{len(new)} images, {args.resamples} paired resamples of {drawn}")
     print("| metric | new | old | new - old [95% CI] | p |\n|---|---|---|---|---|")
     for name in keys("paired"):
         c = comparison[name]
         beyond = " *" if c["low"] > 0 or c["high"] < 0 else ""
-        print(f"| {name} | {value(new, name):.3f} | {value(old, name):.3f} | "
+        shown = [f"{value(table, name):.3f}" + (f" [{ci[name]['low']:.3f}, {ci[name]['high']:.3f}]" if name in ci
+                                                else "") for table, ci in zip((new, old), intervals, strict=True)]
+        print(f"| {name} | {shown[0]} | {shown[1]} | "
               f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{beyond} | {c['p']:.3f} |")
 
 
