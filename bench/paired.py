@@ -5,8 +5,8 @@
 e.g. the default model against an earlier one: `git show REV:metrics/plots/per_image.csv > old.csv`, then
 `bench/paired.py metrics/plots/per_image.csv old.csv`. Prints, per paired metric of busi.evaluation.metrics.METRICS,
 new and old with their 95% intervals, and new - old with its 95% paired-bootstrap interval and p (the same draw
-of scans for both models: the new table's `group` column; for a table written before it existed, `--splits
-data/splits.csv` names the groups).
+of scans for both models: the new table's `group` column; `--splits data/splits.csv` names them for tables written
+before it existed).
 """
 
 import argparse
@@ -22,10 +22,10 @@ def main() -> None:
     parser.add_argument("old")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--splits", help="data/splits.csv: the scans (copy groups), where the new table has none")
+    parser.add_argument("--splits", help="data/splits.csv: draw its scans (copy groups), whatever the tables say")
     args = parser.parse_args()
     new, old = (pd.read_csv(path, dtype={"image_id": str, "group": str}) for path in (args.new, args.old))
-    if args.splits and "group" not in new:
+    if args.splits:
         group_of = pd.read_csv(args.splits, dtype=str).set_index("image_id")["group"]
         new["group"] = new["image_id"].map(group_of).fillna(new["image_id"])
     drawn = "scans" if "group" in new and new["group"].nunique() < len(new) else "images"
