@@ -205,7 +205,8 @@ def rows_by_group(cases: pd.DataFrame) -> list[np.ndarray]:
     group of its own, as in tables written before the column existed)."""
     if "group" not in cases:
         return [np.array([i]) for i in range(len(cases))]
-    return list(pd.Series(np.arange(len(cases))).groupby(cases["group"].to_numpy(), sort=True).apply(np.array))
+    positions = cases.groupby("group", sort=True).indices  # {group: its rows' positions}
+    return [positions[group] for group in sorted(positions)]
 
 
 def draw(rng: np.random.Generator, rows_of: list[np.ndarray]) -> np.ndarray:
