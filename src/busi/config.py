@@ -148,6 +148,8 @@ class TrainParams(Section):
     # picks the best checkpoint; val_score is the mean of validation Dice and weighted F1 (both tasks)
     monitor: Literal["val_dice", "val_iou", "val_loss", "val_accuracy", "val_f1_weighted", "val_score"]
     patience: int = Field(ge=1)  # early stopping: epochs without a better monitor value
+    # epochs of self-supervised pretraining (the U-Net restores distorted training images) before the masks
+    pretrain_epochs: int = Field(default=0, ge=0)
     ema: float = Field(ge=0, lt=1)  # decay of an exponential moving average of the weights; 0 turns it off
     validate_raw: bool  # with EMA, also validate the raw weights each epoch (val_raw_* in the history)
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where the CPU supports it, AMP on CUDA

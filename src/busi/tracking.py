@@ -243,7 +243,7 @@ def git(*args: str, cwd: Path) -> str | None:
 # scored as the test split is), their 95% intervals (`test_ci95/`), the nested ones such as per class
 # (`test_detail/`, `val_eval_detail/`); a cross-validation's parent run adds `cv/`. Every name is made, and read
 # back, here.
-CURVE_SPLITS = ("val_raw", "train", "val")  # history columns: <split>_<metric>; `lr` belongs to training
+CURVE_SPLITS = ("val_raw", "train", "val", "pretrain")  # columns <split>_<metric>; `lr` belongs to training
 
 
 def curve_name(column: str) -> str:

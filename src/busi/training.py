@@ -1,9 +1,9 @@
 """Training: the U-Net on the preprocessed arrays, tracked in MLflow, resumable from its last epoch (the train
 stage, busi.stages.train, and each fold of a cross-validation, busi.distributed, run it).
 
-Loss: Dice + BCE on the mask (smp's losses) plus weighted cross-entropy on the class. AdamW (the study's L2),
-cosine or reduce-on-plateau schedule, an optional moving average of the weights (EMA), early stopping and
-best-checkpoint selection on a validation metric.
+Optionally, self-supervised pretraining first (busi.pretraining). Loss: Dice + BCE on the mask (smp's losses)
+plus weighted cross-entropy on the class. AdamW (the study's L2), cosine or reduce-on-plateau schedule, an
+optional moving average of the weights (EMA), early stopping and best-checkpoint selection on a validation metric.
 """
 
 import csv
@@ -31,6 +31,7 @@ from busi.data.arrays import SegmentationDataset, load_split, train_transform
 from busi.files import atomic_file
 from busi.model.checkpoint import save_checkpoint
 from busi.model.network import build_model
+from busi.pretraining import pretrain
 
 MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy, F1, score) is maximised
 
@@ -65,6 +66,10 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
 
     progress.run_id = run.started(progress.run_id)
     try:
+        if cfg.pretrain_epochs and progress.start == 1:  # a resumed training finds the pretrained weights in last.pt
+            pretrain(parts.model, train_arrays["images"], cfg.pretrain_epochs, cfg.batch_size, cfg.lr, cfg.seed,
+                     parts.device, parts.amp_dtype, lambda epoch, loss: run.epoch({"epoch": epoch,
+                                                                                   "pretrain_loss": loss}))
         fit(parts, params, train_arrays, val_arrays, progress, out_dir / "best.pt", checkpoint, run.epoch)
         write_history(progress.history, history_path)
         summary = {"run_id": progress.run_id, "fingerprint": fingerprint, "best_epoch": progress.best["epoch"],
