@@ -36,7 +36,8 @@ def pretrain(model: nn.Module, images: np.ndarray, epochs: int, batch_size: int,
              device: torch.device, amp_dtype: torch.dtype | None, on_epoch=None) -> list[float]:
     """`epochs` passes over `images` (uint8 [N,S,S]), each batch mirrored at random and distorted; the loss is the
     mean squared error between the model's mask output and the undistorted batch. AdamW, cosine schedule to 0.
-    Returns the loss of each epoch; `on_epoch(epoch, loss)` hears each."""
+    Returns the loss of each epoch; `on_epoch(row)` hears each as a row like the training loop's
+    ({"epoch": ..., "pretrain_loss": ...})."""
     generator = torch.Generator().manual_seed(seed)
     data = torch.from_numpy(images).unsqueeze(1)
     steps = max(1, len(data) // batch_size)  # drop the last partial batch: one image breaks BatchNorm
@@ -62,6 +63,6 @@ def pretrain(model: nn.Module, images: np.ndarray, epochs: int, batch_size: int,
         losses.append(total / steps)
         print(f"pretraining epoch {epoch}/{epochs}: restoration loss {losses[-1]:.4f}", flush=True)
         if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
+            on_epoch({"epoch": epoch, "pretrain_loss": losses[-1]})
     initialize_head(model.segmentation_head)  # the mask head starts afresh; encoder and decoder keep what they learned
     return losses

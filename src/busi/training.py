@@ -68,8 +68,7 @@ def train(processed_dir: Path, params: Params, out_dir: Path, metrics_path: Path
     try:
         if cfg.pretrain_epochs and progress.start == 1:  # a resumed training finds the pretrained weights in last.pt
             pretrain(parts.model, train_arrays["images"], cfg.pretrain_epochs, cfg.batch_size, cfg.lr, cfg.seed,
-                     parts.device, parts.amp_dtype, lambda epoch, loss: run.epoch({"epoch": epoch,
-                                                                                   "pretrain_loss": loss}))
+                     parts.device, parts.amp_dtype, run.epoch)
         fit(parts, params, train_arrays, val_arrays, progress, out_dir / "best.pt", checkpoint, run.epoch)
         write_history(progress.history, history_path)
         summary = {"run_id": progress.run_id, "fingerprint": fingerprint, "best_epoch": progress.best["epoch"],
