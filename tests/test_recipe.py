@@ -12,7 +12,7 @@ from busi.evaluation.metrics import case_table, expected_calibration_error, summ
 from busi.evaluation.postprocessing import decide, fit_temperature
 from busi.model.network import LesionHead, build_model
 from busi.model.postprocessing import PostProcessing
-from busi.training import f1_weighted, loader
+from busi.training import SegmentationLoss, f1_weighted, image_dice_loss, loader
 from conftest import tiny_params
 
 
@@ -78,6 +78,25 @@ def test_weighted_f1_of_a_confusion_matrix_by_hand():
     # 2/3. Class 2: none actual, none predicted: 0 (weight 0). Weighted: (3 * 0.8 + 1 * 2/3) / 4 = 0.7667.
     confusion = np.array([[2, 1, 0], [0, 1, 0], [0, 0, 0]])
     assert f1_weighted(confusion) == pytest.approx((3 * 0.8 + 2 / 3) / 4)
+
+
+def test_the_dice_per_lesion_image_by_hand():
+    # Three 1x4 images. A: logits 0 (probability 0.5 everywhere) on the lesion [1, 1, 0, 0]: overlap 1, sizes 2 + 2,
+    # Dice 0.5. B: no lesion, probability 0.5 everywhere: no Dice of its own. C: a one-pixel lesion found exactly.
+    big = 30.0
+    logits = torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 0], [big, -big, -big, -big]]).reshape(3, 1, 1, 4)
+    masks = torch.tensor([[1.0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]).reshape(3, 1, 1, 4)
+    assert image_dice_loss(logits, masks).item() == pytest.approx((0.5 + 0.0) / 2)  # B left out
+    # Pooled over the batch, B's stray probability and A's half overlap weigh against C's exact find:
+    # overlap 1 + 1, sizes (2 + 2) + (2 + 0) + (1 + 1): Dice 4 / 8.
+    pooled = SegmentationLoss(torch.ones(3), 0.0).dice(logits, masks)
+    assert pooled.item() == pytest.approx(0.5, abs=1e-4)
+    # A batch without a lesion has no Dice term, and still a gradient graph (BCE goes on).
+    empty = image_dice_loss(logits[1:2].requires_grad_(), masks[1:2])
+    assert empty.item() == 0.0 and empty.requires_grad
+    per_image = SegmentationLoss(torch.ones(3), 0.0, per_image=True)
+    assert per_image(logits, torch.zeros(3, 3), masks, torch.zeros(3, dtype=torch.long)).item() == pytest.approx(
+        0.25 + torch.nn.functional.binary_cross_entropy_with_logits(logits, masks).item(), abs=1e-4)
 
 
 def test_balanced_sampling_draws_each_class_alike():

@@ -142,6 +142,9 @@ class TrainParams(Section):
     scheduler: Literal["cosine", "plateau"]
     class_loss_weight: float = Field(ge=0)  # cross-entropy on the class, added to Dice + BCE on the mask
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)  # of the class cross-entropy
+    # the Dice loss over the batch's pixels pooled (batch), or per lesion image, then averaged (image: each lesion
+    # counts as much as any other, as per-image Dice scores them; images without a lesion learn from BCE alone)
+    dice: Literal["batch", "image"] = "batch"
     # uniform: every image once an epoch, the cross-entropy weighted by class; balanced: images drawn with
     # replacement so that each class is a third of every epoch, the cross-entropy unweighted.
     sampling: Literal["uniform", "balanced"] = "uniform"

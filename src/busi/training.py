@@ -125,7 +125,7 @@ def build(params: Params, train_arrays: dict, device: torch.device) -> Parts:
     if cfg.sampling == "balanced":
         class_weights = np.ones(len(CLASSES))
     loss_fn = SegmentationLoss(torch.tensor(class_weights, dtype=torch.float32, device=device), cfg.class_loss_weight,
-                               cfg.label_smoothing)
+                               cfg.label_smoothing, per_image=cfg.dice == "image")
     network = NetworkConfig(model=params.model, image_size=int(train_arrays["images"].shape[1]))
     return Parts(network, model, ema, optimizer, scheduler, loss_fn, device, autocast_dtype(cfg.precision, device))
 
@@ -200,11 +200,13 @@ def progress_line(row: dict, epochs: int, seconds: list[float], best: dict, moni
 
 
 class SegmentationLoss(nn.Module):
-    """Dice + BCE on the lesion mask, plus class-balanced cross-entropy on the label (times `class_weight`)."""
+    """Dice + BCE on the lesion mask, plus class-balanced cross-entropy on the label (times `class_weight`). The
+    Dice pools the batch's pixels, or with `per_image` is taken per lesion image and averaged."""
 
-    def __init__(self, class_weights: torch.Tensor, class_weight: float, label_smoothing: float = 0.0):
+    def __init__(self, class_weights: torch.Tensor, class_weight: float, label_smoothing: float = 0.0,
+                 per_image: bool = False):
         super().__init__()
-        self.dice = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
+        self.dice = image_dice_loss if per_image else smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
         self.bce = smp.losses.SoftBCEWithLogitsLoss()
         self.cross_entropy = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         self.class_weight = class_weight
@@ -213,6 +215,17 @@ class SegmentationLoss(nn.Module):
         mask_logits, class_logits = mask_logits.float(), class_logits.float()
         return (self.dice(mask_logits, masks) + self.bce(mask_logits, masks)
                 + self.class_weight * self.cross_entropy(class_logits, labels))
+
+
+def image_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice of each image that has a lesion, averaged over those images. Pooled over the batch, a small
+    lesion's pixels are drowned by a large one's; here a missed small lesion costs as much as a missed large one.
+    An image without a lesion has no Dice (BCE alone teaches it); a batch without any lesion gives 0."""
+    probabilities, target = logits.sigmoid().flatten(1), masks.flatten(1)
+    lesion = target.sum(1) > 0
+    overlap = (probabilities * target).sum(1)[lesion]
+    total = (probabilities.sum(1) + target.sum(1))[lesion]
+    return (1 - 2 * overlap / total).mean() if lesion.any() else logits.sum() * 0
 
 
 def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=None, desc=None) -> dict[str, float]:
