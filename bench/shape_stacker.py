@@ -27,11 +27,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage, optimize, spatial
 
+from busi import CLASSES
 from busi.data.arrays import load_split
+from busi.model.postprocessing import regions, softmax
 from busi.model.predictor import Predictor
 from busi.stages.cross_validate import concatenate, folds_of
 
-CLASSES = ("benign", "malignant", "normal")
 SHAPE = ("drawn", "highest", "mean_inside", "log_share", "regions", "extent", "solidity", "compactness",
          "log_height_width", "depth")
 PENALTY = 1.0  # L2 on the standardised weights, as scikit-learn's C = 1: fixed beforehand, not tuned here
@@ -40,11 +41,10 @@ PENALTY = 1.0  # L2 on the standardised weights, as scikit-learn's C = 1: fixed 
 def outline(probability: np.ndarray) -> dict:
     """Shape features of the largest region of a lesion map thresholded at 0.5 (zeros where none)."""
     mask = probability >= 0.5
-    labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    labelled, areas = regions(mask)
     features = dict.fromkeys(SHAPE, 0.0) | {"highest": float(probability.max())}
-    if not count:
+    if not len(areas):
         return features
-    areas = ndimage.sum(mask, labelled, range(1, count + 1))
     region = labelled == 1 + int(np.argmax(areas))
     rows, cols = np.nonzero(region)
     height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
@@ -55,7 +55,7 @@ def outline(probability: np.ndarray) -> dict:
     hull = spatial.ConvexHull(corners).volume  # of the pixels' corners: a 1-pixel region has area 1
     return features | {
         "drawn": 1.0, "mean_inside": float(probability[region].mean()), "log_share": np.log(area / mask.size),
-        "regions": float(count), "extent": area / (height * width), "solidity": area / hull,
+        "regions": float(len(areas)), "extent": area / (height * width), "solidity": area / hull,
         "compactness": 4 * np.pi * area / max(edge.sum(), 1) ** 2, "log_height_width": np.log(height / width),
         "depth": rows.mean() / mask.shape[0]}
 
@@ -82,9 +82,7 @@ def fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def predict(model, x: np.ndarray) -> np.ndarray:
     mean, scale, w = model
-    logits = np.column_stack([(x - mean) / scale, np.ones(len(x))]) @ w
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    return p / p.sum(1, keepdims=True)
+    return softmax(np.column_stack([(x - mean) / scale, np.ones(len(x))]) @ w)
 
 
 def gated(cases: pd.DataFrame, p: np.ndarray) -> pd.DataFrame:
