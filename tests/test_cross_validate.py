@@ -92,6 +92,27 @@ def test_a_split_without_folds_is_one_error(processed, tmp_path, store):
         cross_validate(processed, tmp_path / "splits.csv", processed.parent / "masks", tiny_params(), tmp_path / "cv")
 
 
+def test_a_grid_trains_fold_by_fold_so_a_stopped_grid_holds_paired_folds(processed, tmp_path, store, monkeypatch):
+    """Trained one after the other, a grid of two recipes runs fold 0 of both before fold 1 of either: stopped
+    part-way (a session's end, a kill), what is finished compares the recipes on the same held-out images."""
+    import busi.stages.cross_validate as stage
+
+    class Stop(Exception):
+        pass
+
+    def record(jobs, *args):
+        order.extend((job.out_dir.parent.parent.name, job.fold) for job in jobs)
+        raise Stop
+
+    order = []
+    monkeypatch.setattr(stage, "run_folds", record)
+    grid = {"a": tiny_params(), "b": tiny_params(epochs=2)}
+    with pytest.raises(Stop):
+        cross_validate(processed, processed.parent / "splits.csv", processed.parent / "masks", tiny_params(),
+                       tmp_path / "cv", grid)
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+
+
 def test_threads_follow_omp_num_threads_else_the_cpu_affinity(monkeypatch):
     """N parallel workers share the cores when each is given OMP_NUM_THREADS: they do not each take all."""
     import os

@@ -57,8 +57,8 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
                for name, config in configs.items()}
     try:
         jobs = []
-        for name, config in configs.items():
-            for fold in folds:
+        for fold in folds:  # fold by fold: a grid stopped part-way has every configuration's first folds, paired
+            for name, config in configs.items():
                 fold_dir = Path(out_dir) / name / "folds" / f"fold-{fold}"
                 if is_trained(fold_dir, config):  # a re-run (after a kill, or to rescore) keeps the finished folds
                     print(f"cross-validate: {name or 'fold'} {fold} already trained with these params ({fold_dir})")
