@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The full-budget cross-validation of issue 19 on the GPU machine (`device` tool; read ../shared/device/README.md):
-# the default recipe (params.yaml) and the previous class head ("global": the whole image only, no smallest lesion
-# area), 5 folds each at the default's 50 epochs, all ten folds at once (bench/folds_at_once.py), then each scored
-# on its out-of-fold predictions, plus the default's folds rescored with the class gating the mask. About 8 minutes
-# (estimated from docs/team.md's packing figures: 10 folds at once, 2 threads each).
+# the default recipe (params.yaml) and its finalist, the Dice loss per lesion image ("imgdice": train.dice: image;
+# reports/recipes.md), 5 folds each at the default's 50 epochs, all ten folds at once (bench/folds_at_once.py), then
+# each scored on its out-of-fold predictions with its crop networks. About 8 minutes (estimated from docs/team.md's
+# packing figures: 10 folds at once, 2 threads each). Compare: python bench/paired.py
+# screen/imgdice/oof_per_image.csv screen/default/oof_per_image.csv --splits data/splits.csv
 # Prepare here, from the project root, after `dvc repro preprocess`:
 #   bash ../shared/device/wheels.sh .whl && echo .whl >> .git/info/exclude
 #   tar -cJf .data.tar.xz data/processed data/masks data/splits.csv && echo .data.tar.xz >> .git/info/exclude
@@ -23,31 +24,27 @@ extra=${EXTRA:+, $EXTRA}  # more changes for every recipe
 cat > /tmp/default.yaml <<YAML
 default: {train.epochs: $epochs$extra}
 YAML
-cat > /tmp/global.yaml <<YAML
-global: {train.epochs: $epochs, model.class_head: global, evaluate.postprocessing.min_lesion_area: "off"$extra}
-YAML
-cat > /tmp/default-gate.yaml <<YAML
-default-gate: {train.epochs: $epochs, evaluate.postprocessing.label_from_mask: "off", evaluate.postprocessing.mask_from_label: "on"$extra}
+cat > /tmp/imgdice.yaml <<YAML
+imgdice: {train.epochs: $epochs, train.dice: image$extra}
 YAML
 
 # Both recipes' folds at once, each recipe in its own process group (so that one can be stopped alone).
 setsid python3 bench/folds_at_once.py --out screen --grid /tmp/default.yaml --threads 2 > "$OUT/folds-default.txt" 2>&1 &
 default=$!
-setsid python3 bench/folds_at_once.py --out screen --grid /tmp/global.yaml --threads 2 > "$OUT/folds-global.txt" 2>&1 &
-global=$!
+setsid python3 bench/folds_at_once.py --out screen --grid /tmp/imgdice.yaml --threads 2 > "$OUT/folds-imgdice.txt" 2>&1 &
+imgdice=$!
 deadline=$((SECONDS + ${FOLD_SECONDS:-360}))
 while kill -0 $default 2>/dev/null; do
   sleep 10; [ $((SECONDS % 60)) -lt 10 ] || continue
   echo "--- $SECONDS s"; for f in screen/*/folds/fold-*/log.txt; do echo "$f: $(grep '^epoch' "$f" | tail -1 | cut -c1-160)"; done
-  if [ $SECONDS -gt $deadline ]; then echo "deadline: stopping every fold"; kill -- -$default -$global; break; fi
+  if [ $SECONDS -gt $deadline ]; then echo "deadline: stopping every fold"; kill -- -$default -$imgdice; break; fi
 done
 wait $default; echo "default folds: exit $?"
-while kill -0 $global 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 5; done
-kill -- -$global 2>/dev/null; wait $global; echo "global folds: exit $?"
+while kill -0 $imgdice 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 5; done
+kill -- -$imgdice 2>/dev/null; wait $imgdice; echo "imgdice folds: exit $?"
 
 # Score each recipe in its own process and tracking store (parallel sqlite writers lock each other out).
-[ -d screen/default/folds ] && cp -al screen/default screen/default-gate
-for name in default global default-gate; do
+for name in default imgdice; do
   MLFLOW_TRACKING_URI=sqlite:///$PWD/screen/$name.db timeout ${SCORE_SECONDS:-170} \
     python3 -m busi cross-validate --out screen --grid /tmp/$name.yaml > "$OUT/score-$name.txt" 2>&1 &
 done
