@@ -4,7 +4,7 @@
     PYTHONPATH=src python bench/paired.py cvfull/<a>/finished_folds/oof_per_image.csv \
         cvfull/<b>/finished_folds/oof_per_image.csv --splits data/splits.csv
 
-A full-budget grid on a 2-core CPU outlasts a working session; `busi cross-validate --grid` trains it fold by
+A full-budget grid takes hours on a 2-core CPU; `busi cross-validate --grid` trains it fold by
 fold and resumes it. Meanwhile: for each recipe of the grid (`<out>/<name>`), the folds that every recipe has
 finished with its params predict their held-out images, the post-processing is decided on those rows (with the
 recipe's evaluate section) as cross-validate decides it on all of them, and the per-image table goes to
