@@ -98,7 +98,7 @@ def test_a_grid_trains_fold_by_fold_so_a_stopped_grid_holds_paired_folds(process
     import busi.stages.cross_validate as stage
 
     class Stop(Exception):
-        pass
+        """Raised by the stand-in for run_folds: the order is recorded, nothing trains."""
 
     def record(jobs, *args):
         order.extend((job.out_dir.parent.parent.name, job.fold) for job in jobs)
