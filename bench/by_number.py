@@ -22,15 +22,15 @@ def by_number(cases: pd.DataFrame, label: str, width: int) -> pd.DataFrame:
     """One row per bin of `width` consecutive file numbers of class `label`."""
     rows = cases[cases["label"] == label].copy()
     number = rows["image_id"].str.extract(r"\((\d+)\)", expand=False).astype(int)
-    first = (number - 1) // width * width + 1
-    rows["bin"] = first.astype(str) + "-" + (first + width - 1).astype(str)
+    rows["bin"] = (number - 1) // width * width + 1  # the bin's first number: bins sort as numbers
     rows["none_drawn"] = rows["predicted_area_px"] == 0
-    grouped = rows.groupby("bin", sort=False)
+    grouped = rows.groupby("bin")
     table = pd.DataFrame({"images": grouped.size(), "none drawn": grouped["none_drawn"].sum(),
                           "per-image Dice": grouped["dice"].mean().round(3)})
     table = table.join(pd.crosstab(rows["bin"], rows["predicted_label"]).reindex(columns=list(CLASSES), fill_value=0)
                        .add_prefix("called "))
-    return table.loc[sorted(table.index, key=lambda name: int(name.split("-")[0]))]
+    table.index = [f"{first}-{first + width - 1}" for first in table.index]
+    return table
 
 
 def main() -> None:
