@@ -139,3 +139,35 @@ def test_a_grid_file_is_checked_before_anything_runs(tmp_path):
     study = load_grid(tmp_path / "grid.yaml", params)
     assert list(study) == ["vgg16", "vgg19", "resnet50", "resnet50-plain", "dpn68", "resnet18"]
     assert study["resnet50-plain"].model.attention is None and study["vgg19"].train == params.train
+
+
+def test_a_grid_trains_each_folds_crop_network_once_per_crop_params(tmp_path, monkeypatch):
+    """The crop network learns from the fold's images and reference masks, not from the recipe's U-Net: the
+    second recipe of a grid copies the first one's, and a recipe with other crop params trains its own."""
+    import busi.stages.cross_validate as stage
+    from busi import CLASSES
+
+    trained = []
+
+    def counted(*args):
+        trained.append(args[-1].seed)
+        return train_crop_network(*args)
+
+    train_crop_network = stage.train_crop_network
+    monkeypatch.setattr(stage, "train_crop_network", counted)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 48), dtype=np.uint8) for _ in range(6)]
+    references = [np.zeros((48, 48), bool) for _ in range(6)]
+    for mask in references:
+        mask[10:30, 12:28] = True
+    pool = {"labels": np.array([CLASSES.index(c) for c in ["benign", "malignant"] * 3])}
+    rows = np.ones(6, bool)
+    params = tiny_params()
+    other = params.model_copy(update={"crop": params.crop.model_copy(update={"seed": params.crop.seed + 1})})
+    crop_files = {}
+    for name, config in [("a", params), ("b", params), ("c", other)]:
+        stage.fold_crop_network(tmp_path / name / "fold-0", rows, pool, images, references, config, crop_files)
+    assert trained == [params.crop.seed, params.crop.seed + 1]
+    assert (tmp_path / "b/fold-0/crop.pt").read_bytes() == (tmp_path / "a/fold-0/crop.pt").read_bytes()
+    _, state = load_crop_checkpoint(tmp_path / "c/fold-0/crop.pt")
+    assert state["params"] == other.crop.model_dump()

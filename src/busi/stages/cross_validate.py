@@ -15,6 +15,7 @@ every fold of train+val, and its fold ensemble scored once on the test split, as
 """
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
               f"{where}", flush=True)
         run_folds(jobs, pool, cpus, gpus)
         originals = {"pool": read_originals(raw_dir, pool["ids"]), "test": read_originals(raw_dir, test["ids"])}
+        crop_files: dict[str, Path] = {}  # the grid's configurations share each fold's crop network
         results = {name: score_folds(pool, fold_of, folds, test, masks_dir, config, Path(out_dir) / name,
-                                     parents[name], started, originals)
+                                     parents[name], started, originals, crop_files)
                    for name, config in configs.items()}
     except BaseException as err:
         for parent in parents.values():
@@ -81,13 +83,15 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
 
 
 def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, masks_dir: Path, params: Params,
-                out_dir: Path, parent: str, started: float, originals: dict[str, list[np.ndarray]]) -> dict:
+                out_dir: Path, parent: str, started: float, originals: dict[str, list[np.ndarray]],
+                crop_files: dict[str, Path]) -> dict:
     """The OOF predictions of one configuration's trained folds (with their crop networks, trained here where
     missing), the post-processing decided on them, the fold ensemble scored on test; everything written to
-    `out_dir` and logged to the `parent` run. `originals`: the images of pool and test at their own size."""
+    `out_dir` and logged to the `parent` run. `originals`: the images of pool and test at their own size;
+    `crop_files`: the crop networks this grid holds so far (fold_crop_network)."""
     pool_references = read_references(masks_dir, pool)
     crops = [fold_crop_network(out_dir / "folds" / f"fold-{fold}", fold_of != fold, pool, originals["pool"],
-                               pool_references, params) for fold in folds]
+                               pool_references, params, crop_files) for fold in folds]
     networks, configs, oof = [], [], {flip: [] for flip in (False, True)}
     for fold in folds:
         held = fold_of == fold
@@ -143,11 +147,18 @@ def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, m
 
 
 def fold_crop_network(fold_dir: Path, rows: np.ndarray, pool: dict, originals: list[np.ndarray],
-                      references: list[np.ndarray], params: Params) -> CropClassifier:
+                      references: list[np.ndarray], params: Params, crop_files: dict[str, Path]) -> CropClassifier:
     """The fold's crop network, trained on the pool's `rows` (its training images) unless `fold_dir/crop.pt`
     holds one of these crop params already. Trained here, one fold after another, not on Ray: it needs the
-    original images, and takes minutes where a fold's U-Net takes most of an hour on a CPU."""
+    original images, and takes minutes where a fold's U-Net takes most of an hour on a CPU. It learns from the
+    fold's images and reference masks, not from the configuration's U-Net, so a grid trains it once per fold
+    and crop params: `crop_files` maps those to the file, which another configuration copies."""
     path = fold_dir / "crop.pt"
+    key = json.dumps([fold_dir.name, params.crop.model_dump()], sort_keys=True)
+    if crop_files.get(key, path) != path:
+        with atomic_file(path) as tmp:
+            shutil.copyfile(crop_files[key], tmp)
+    crop_files[key] = path
     if path.is_file():
         crop, state = load_crop_checkpoint(path)
         if state.get("params") == params.crop.model_dump():
