@@ -147,13 +147,12 @@ def test_a_grid_trains_each_folds_crop_network_once_per_crop_params(tmp_path, mo
     import busi.stages.cross_validate as stage
     from busi import CLASSES
 
-    trained = []
+    trained, real = [], stage.train_crop_network
 
     def counted(*args):
         trained.append(args[-1].seed)
-        return train_crop_network(*args)
+        return real(*args)
 
-    train_crop_network = stage.train_crop_network
     monkeypatch.setattr(stage, "train_crop_network", counted)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (48, 48), dtype=np.uint8) for _ in range(6)]
