@@ -301,7 +301,8 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
             "--predictor", str(tmp_path / "predictor")]
     assert main(["--params", str(tmp_path / "params.yaml"), "evaluate", *args]) == 0
     out = capsys.readouterr().out
-    assert "evaluate: test dice" in out and "chosen on validation: threshold 0.5, flip tta" in out
+    assert "evaluate: test dice" in out and "post-processing threshold 0.5, flip tta" in out
+    assert "decided on validation: flip_tta, largest_component, crop_weight, label_from_mask" in out
 
     val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
     assert chosen_on == [list(val["ids"])]

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--plots", type=Path, default=Path("metrics/plots"), help="per-image CSV, confusion CSV")
     cmd.add_argument("--figures", type=Path, default=Path("reports/figures"), help="the study's figures")
     cmd.add_argument("--predictor", type=Path, default=Path("predictor"),
-                     help="where to write the predictor: the network + the post-processing chosen on validation")
+                     help="where to write the predictor: the network + its post-processing")
 
     cmd = command("evaluate-external", "score a trained model on an external dataset, beside its BUSI test metrics",
                   "The dataset is params' external.<NAME> (a folder or .zip in the busi or the folders layout);\n"
@@ -159,14 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on Ray: the share of a GPU a fold asks for (0.25: four folds share one GPU)")
 
     cmd = command("predict", "masks, overlays, labels and class probabilities for your own images",
-                  "Applies a predictor (the network(s) and the post-processing chosen on validation) to PNG or\n"
+                  "Applies a predictor (the network(s) and the post-processing evaluate decided) to PNG or\n"
                   "JPEG files of any size; writes <name>_mask.png, <name>_overlay.png and predictions.jsonl.\n"
                   "Example: busi predict scans/ --out predictions/")
     cmd.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG) or folders of them")
     cmd.add_argument("--model", default="predictor", help="the evaluate stage's predictor folder, another "
                      "predictor (cv/results/predictor), a training checkpoint folder/file, or an MLflow model URI")
     cmd.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
-    steps = cmd.add_argument_group("post-processing", "default: what the model carries (chosen on validation)")
+    steps = cmd.add_argument_group("post-processing", "default: what the model carries")
     steps.add_argument("--threshold", type=float, default=None, help="on the lesion probability")
     for step in STEPS:  # --flip-tta/--no-flip-tta, --min-lesion-area 0.005, ...
         kind = {"action": argparse.BooleanOptionalAction} if type(step.on) is bool else {"type": float}

@@ -51,8 +51,9 @@ def evaluate(data_dir: Path, raw_dir: Path, masks_dir: Path, model_dir: Path, cr
     if not len(test["labels"]):
         raise BusiError(f"{Path(data_dir) / 'test.npz'}: the test split holds no images")
 
-    # Post-processing is chosen on the validation split, whose metrics under that choice are what experiments
-    # are compared on (val.json); the test split only reports.
+    # Post-processing steps set to auto are decided on the validation split (the default params set them as the
+    # OOF predictions of cross-validation decided); experiments are compared on the validation metrics under the
+    # result (val.json); the test split only reports.
     # The originals (as predict reads them) for the crop network; the reference masks at their size.
     val_images, test_images = (read_originals(raw_dir, split["ids"]) for split in (val, test))
     val_references, test_references = (read_references(masks_dir, split) for split in (val, test))
@@ -62,7 +63,8 @@ def evaluate(data_dir: Path, raw_dir: Path, masks_dir: Path, model_dir: Path, cr
     val_crops = predictor.crops_of(val_images)
     predictor.postprocessing, decisions = postprocessing.decide(val_probabilities, val, val_references, params,
                                                                 val_crops)
-    print(f"evaluate: chosen on validation: {predictor.postprocessing.describe()}", flush=True)
+    print(f"evaluate: post-processing {predictor.postprocessing.describe()}; decided on validation: "
+          f"{', '.join(decisions) or 'nothing'} (the rest as params set it)", flush=True)
     val_metrics = (postprocessing.score(predictor.postprocessing, *val_probabilities(predictor.postprocessing.flip_tta),
                                         val, val_references, val_crops)[0] if len(val["labels"]) else {"images": 0})
 
