@@ -1,7 +1,9 @@
 """Where a cross-validated recipe's mask errors are: the lesion images it draws no lesion on, and the normal
 images it draws one on. Before trying a lever on them: are they small lesions (a larger image size would help),
 near-misses of the threshold (a lower threshold or a confidence rule would), or images the networks are sure
-about (neither would)? And are they the same scans for another recipe (the data's hard cases) or its own?
+about (neither would)? Are they the same scans for another recipe (the data's hard cases) or its own? And
+where the class gates the mask (mask_from_label): what would calling normal at a lower normal probability
+trade, normal images no longer drawn on against lesion images emptied?
 
     PYTHONPATH=src python bench/oof_errors.py cv50/crop [--other cv50/global] [--data data/processed]
 
@@ -21,6 +23,7 @@ from busi.model.predictor import Predictor
 from busi.stages.cross_validate import concatenate, folds_of
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+NORMAL_AT = (0.3, 0.2, 0.1, 0.05)  # normal probabilities to call normal at, besides where it is the likeliest
 PERCENTILES = (10, 25, 50, 75, 90)
 
 
@@ -75,6 +78,16 @@ def main() -> None:
     for t in THRESHOLDS:
         reached = cases["highest"] >= t
         print(f"| {t} | {(kinds['lesion images, none drawn'] & reached).sum()} | {(normal & reached).sum()} |")
+
+    # An image called normal has its mask emptied (mask_from_label), so its Dice is exact here: 0 on a lesion image.
+    print("\n| called normal also at p_normal >= | normal images drawn on | lesion images called normal | "
+          "per-image Dice, lesion images |\n|---|---|---|---|")
+    lesion = ~normal
+    for t in (None, *NORMAL_AT):
+        called = cases["predicted_label"].eq("normal") | (cases["p_normal"] >= t if t else False)
+        dice = cases["dice"].where(~called, 0.0)
+        print(f"| {t or 'as chosen'} | {(normal & ~called & (cases['predicted_area_px'] > 0)).sum()} | "
+              f"{(lesion & called).sum()} | {dice[lesion].mean():.3f} |")
 
     if args.other:
         other = errors(pd.read_csv(args.other / "oof_per_image.csv", dtype={"image_id": str})
