@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, synthetic_source, tmp_path, store):
     splits = processed.parent / "splits.csv"  # 2 folds (conftest)
     params = tiny_params(epochs=1)
-    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap": 20})})
+    auto = {step: "auto" for step in params.evaluate.postprocessing}  # to decide, not as params.yaml set them
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap": 20,
+                                                                                       "postprocessing": auto})})
     result = cross_validate(processed, splits, processed.parent / "masks", params, tmp_path / "cv",
                             raw_dir=synthetic_source)
 
@@ -40,6 +42,7 @@ def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, syntheti
         len(load_split(processed, s)["labels"]) for s in ("train", "val"))  # every train+val image, once
     test = json.loads((tmp_path / "cv/test.json").read_text())
     assert test["images"] == len(load_split(processed, "test")["labels"]) and "dice" in test["ci95"]
+    assert {"flip_tta", "crop_weight", "label_from_mask"} <= set(test["postprocessing"]["decisions"])  # on the OOF
 
     # The ensemble: both folds' networks, probabilities averaged; what predict and serving load.
     ensemble = load_predictor(tmp_path / "cv/predictor")
