@@ -15,10 +15,16 @@ the normal probability and every mask are unchanged, so the label changes only b
 the paired differences.
 
 With --normal-class the crop network learns a third class, normal, on crops of the training folds' normal images
-(half the time around the region the fold's U-Net draws there, where it draws one; else a random box of a lesion's
-relative size), and the rule "the crop network calls the drawn lesion normal with probability above t: empty the
-mask, call the image normal" is scored for t from 0.5 to 0.95, paired against the crop network without the rule.
-About 19 minutes on a 2-core CPU at the defaults (5 folds x 427 crops x 40 epochs at 128 px).
+(half the time around a region a U-Net draws there, where it draws one; else a random box of a lesion's relative
+size), and the rule "the crop network calls the drawn lesion normal with probability above t: empty the mask, call
+the image normal" is scored for t from 0.5 to 0.95 on the images with a lesion drawn, paired against the same OOF
+without the rule. Which U-Net draws the regions (--negatives): `fold`, the fold's own, which has trained on those
+images and rarely errs there; `oof`, the U-Net that held each image out (another fold's), so the crop network learns
+from the false lesions a U-Net draws on images it has not seen, as it will meet them; `likeliest`, the fold's own
+U-Net's likeliest region on every training normal image, drawn or not (the largest region at half its map's
+highest probability), which a single model's training could also have.
+Where CV_DIR's predictor already has a crop network (its crop weight above 0), its OOF is kept as it is: the rule is
+the only change. About 19 minutes on a 2-core CPU at the defaults (5 folds x 427 crops x 40 epochs at 128 px).
 """
 
 import argparse
@@ -37,7 +43,7 @@ from busi import CLASSES
 from busi.data.arrays import load_split
 from busi.evaluation.metrics import bootstrap_ci, keys, paired_bootstrap, value
 from busi.model.checkpoint import load_checkpoint
-from busi.model.postprocessing import PostProcessing
+from busi.model.postprocessing import PostProcessing, mask_from_label
 from busi.stages.cross_validate import concatenate, folds_of
 
 BENIGN, MALIGNANT, NORMAL = (CLASSES.index(name) for name in ("benign", "malignant", "normal"))
@@ -64,6 +70,19 @@ def largest_region(probability: np.ndarray, height: int, width: int, min_area: f
     0.5, regions under `min_area` of the image dropped), or None when it draws none."""
     mask = PostProcessing(min_lesion_area=min_area, largest_component=True).mask(probability, height, width)
     return box_of(mask) if mask.any() else None
+
+
+def regions_of(unet: torch.nn.Module, images: np.ndarray, originals: list, min_area: float,
+               likeliest: bool = False) -> list:
+    """The box of the largest region `unet` draws on each of `images` (at the training size) at its original's
+    size, or None; `likeliest`: the largest region at half the map's highest probability instead, drawn on every
+    image (as the post-processing draws a lesion class's mask where nothing reached the threshold)."""
+    with torch.no_grad():
+        maps = torch.sigmoid(unet(torch.from_numpy(images).unsqueeze(1).float() / 255)[0])[:, 0].numpy()
+    if likeliest:
+        return [box_of(mask_from_label(np.zeros(image.shape, bool), p, BENIGN, True))
+                for p, image in zip(maps, originals, strict=True)]
+    return [largest_region(p, *image.shape, min_area) for p, image in zip(maps, originals, strict=True)]
 
 
 def normal_box(image: np.ndarray, lesion_boxes: list, shapes: list, false_box, rng) -> tuple[int, int, int, int]:
@@ -125,11 +144,13 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.5, help="the crop's margin at prediction")
     parser.add_argument("--min-area", type=float, help="smallest predicted region (default: the CV's chosen)")
     parser.add_argument("--normal-class", action="store_true", help="a third class: normal (see above)")
+    parser.add_argument("--negatives", choices=("fold", "likeliest", "oof"), default="fold",
+                        help="whose regions on the normal images the normal class learns from (see above)")
     args = parser.parse_args()
     started = time.perf_counter()
+    chosen = json.loads((args.cv / "predictor" / "predictor.json").read_text())["postprocessing"]
     if args.min_area is None:  # the smallest lesion area the cross-validation chose on its OOF predictions
-        manifest = json.loads((args.cv / "predictor" / "predictor.json").read_text())
-        args.min_area = manifest["postprocessing"]["min_lesion_area"]
+        args.min_area = chosen["min_lesion_area"]
 
     pool = concatenate(load_split(args.data / "processed", "train"), load_split(args.data / "processed", "val"))
     fold_of = folds_of(pool["ids"], args.data / "splits.csv")
@@ -139,31 +160,30 @@ def main() -> None:
     labels = pool["labels"]
     malignant = np.full(len(labels), np.nan)  # the crop network's malignant probability, where a lesion is drawn
     normal = np.full(len(labels), np.nan)  # its normal probability (--normal-class)
-    for fold in sorted(set(fold_of)):
+    unets = {fold: load_checkpoint(args.cv / "folds" / f"fold-{fold}")[0] for fold in sorted(set(fold_of))}
+    oof_boxes = {}  # each image's largest region drawn by the U-Net that held it out (None: none drawn)
+    for fold, unet in unets.items():
+        held = np.nonzero(fold_of == fold)[0]
+        oof_boxes |= dict(zip(held, regions_of(unet, pool["images"][held], [originals[i] for i in held], args.min_area),
+                              strict=True))
+    for fold, unet in unets.items():
         train = [i for i in np.nonzero(fold_of != fold)[0] if labels[i] != NORMAL or args.normal_class]
-        unet, _, _ = load_checkpoint(args.cv / "folds" / f"fold-{fold}")
-        false_boxes = {}  # the fold's U-Net's regions on its training normal images, by position in `train`
+        false_boxes = {}  # a U-Net's regions on the training normal images, by position in `train`
         if args.normal_class:
             normals = [k for k, i in enumerate(train) if labels[i] == NORMAL]
-            with torch.no_grad():
-                maps = torch.sigmoid(unet(torch.from_numpy(pool["images"][[train[k] for k in normals]]).unsqueeze(1)
-                                          .float() / 255)[0])[:, 0].numpy()
-            for k, probability in zip(normals, maps, strict=True):
-                if (box := largest_region(probability, *originals[train[k]].shape, args.min_area)) is not None:
-                    false_boxes[k] = box
-            print(f"fold {fold}: a region drawn on {len(false_boxes)} of {len(normals)} training normal images")
+            boxes = ([oof_boxes[train[k]] for k in normals] if args.negatives == "oof" else
+                     regions_of(unet, pool["images"][[train[k] for k in normals]],
+                                [originals[train[k]] for k in normals], args.min_area,
+                                likeliest=args.negatives == "likeliest"))
+            false_boxes = {k: box for k, box in zip(normals, boxes, strict=True) if box is not None}
+            print(f"fold {fold}: a region drawn ({args.negatives}) on {len(false_boxes)} of {len(normals)} training "
+                  "normal images")
         network = train_crops([originals[i] for i in train],
                               [box_of(references[i]) if labels[i] != NORMAL else None for i in train], labels[train],
                               args, seed=42 + fold, false_boxes=false_boxes)
         held = np.nonzero(fold_of == fold)[0]
-        with torch.no_grad():
-            lesion = torch.sigmoid(unet(torch.from_numpy(pool["images"][held]).unsqueeze(1).float() / 255)[0])
-        crops, drawn = [], []
-        for probability, i in zip(lesion[:, 0].numpy(), held, strict=True):
-            box = largest_region(probability, *originals[i].shape, args.min_area)
-            if box is not None:
-                crops.append(cut(originals[i], box, args.size, args.margin).astype(np.float32) / 255)
-                drawn.append(i)
+        drawn = [i for i in held if oof_boxes[i] is not None]
+        crops = [cut(originals[i], oof_boxes[i], args.size, args.margin).astype(np.float32) / 255 for i in drawn]
         with torch.no_grad():
             x = torch.from_numpy(np.stack(crops)[:, None])
             p = ((F.softmax(network(x), 1) + F.softmax(network(x.flip(3)), 1)) / 2).numpy()
@@ -175,6 +195,9 @@ def main() -> None:
 
     old = pd.read_csv(args.cv / "oof_per_image.csv", dtype={"image_id": str}).set_index("image_id").loc[pool["ids"]]
     new = old.copy()
+    if chosen.get("crop_weight", 0) > 0:  # the CV's own crop network has had its say in its OOF already
+        print(f"{args.cv}: its predictor has a crop network (weight {chosen['crop_weight']}): its OOF is kept")
+        malignant[:] = np.nan
     lesion_mass = (old["p_benign"] + old["p_malignant"]).clip(lower=1e-12)
     head = old["p_malignant"] / lesion_mass
     share = np.where(np.isnan(malignant), head, (head + malignant) / 2)
@@ -192,15 +215,16 @@ def main() -> None:
 
 
 def normal_rule(cases: pd.DataFrame, normal: np.ndarray) -> None:
-    """Where the crop network calls the drawn lesion normal above t: the mask emptied, the image called normal;
-    paired against `cases` (the crop network's malignant say only)."""
+    """Where a lesion is drawn and the crop network calls it normal above t: the mask emptied, the image called
+    normal; paired against `cases` (the crop network's malignant say only)."""
     for t in (0.5, 0.7, 0.8, 0.9, 0.95):
-        fire = np.nan_to_num(normal) > t
+        fire = (np.nan_to_num(normal) > t) & (cases["predicted_area_px"].to_numpy() > 0)
         gated = cases.copy()
         gated.loc[fire, ["tp", "fp", "predicted_area_px"]] = 0
         gated.loc[fire, "fn"] = cases.loc[fire, "lesion_area_px"]
         gated.loc[fire, "tn"] = (cases[["tp", "fp", "fn", "tn"]].sum(axis=1) - cases["lesion_area_px"])[fire]
-        gated.loc[fire, ["dice", "iou"]] = np.where(cases.loc[fire, "lesion_area_px"] > 0, 0.0, np.nan)[:, None]
+        for column in ("dice", "iou"):
+            gated.loc[fire, column] = np.where(cases.loc[fire, "lesion_area_px"] > 0, 0.0, np.nan)
         gated.loc[fire, "predicted_label"] = "normal"
         comparison = paired_bootstrap(gated.reset_index(), cases.reset_index(), 2000, 0)
         print(f"t {t}: fires on {cases.loc[fire, 'label'].value_counts().to_dict()}; " + ", ".join(
