@@ -103,7 +103,7 @@ def tiny_params(**train_changes):
         "model": params.model.model_copy(update={"encoder": "resnet18", "encoder_weights": None}),
         "augment": augment,
         "train": params.train.model_copy(update={"epochs": 2, "batch_size": 4, "precision": "fp32", **train_changes}),
-        "crop": params.crop.model_copy(update={"size": 32, "epochs": 1, "batch_size": 8}),
+        "crop": params.crop.model_copy(update={"size": 32, "epochs": 1, "batch_size": 8, "precision": "fp32"}),
     })
 
 
@@ -173,6 +173,7 @@ def dvc_repo(tmp_path, busi_zip):
     set_param(repo, "train", "epochs", 1)
     set_param(repo, "train", "precision", "fp32")
     set_param(repo, "crop", "epochs", 1)
+    set_param(repo, "crop", "precision", "fp32")
     set_param(repo, "evaluate", "bootstrap", 50)
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)

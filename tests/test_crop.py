@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from busi import CLASSES, BusiError
+from busi import CLASSES, BusiError, autocast_dtype
 from busi.config import CropConfig
 from busi.crop_training import train_crop_network
 from busi.data.arrays import read_references
@@ -132,8 +132,20 @@ def test_the_crop_network_learns_from_lesions_of_both_classes_only():
         train_crop_network(images, references, labels, tiny_params().crop)
     labels[1] = CLASSES.index("malignant")
     classifier, summary = train_crop_network(images, references, labels, tiny_params().crop)
-    assert summary | {"loss": 0, "minutes": 0} == {"images": 2, "benign": 1, "malignant": 1, "epochs": 1, "loss": 0,
-                                                   "minutes": 0}
+    assert summary | {"loss": 0, "minutes": 0} == {"images": 2, "benign": 1, "malignant": 1, "epochs": 1,
+                                                   "precision": "fp32", "loss": 0, "minutes": 0}
     assert classifier.config == CropConfig(size=32, margin=0.5)
     shares = classifier.malignant(images, references)
     assert np.isnan(shares[2]) and 0 < shares[0] < 1  # nothing drawn on the normal image: no crop
+
+
+def test_the_crop_network_trains_in_the_precision_asked_and_keeps_fp32_weights():
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    images = [GRADIENT] * 2
+    references = [square(5, 5, side=10, size=(40, 40))] * 2
+    labels = np.array([CLASSES.index("benign"), CLASSES.index("malignant")])
+    classifier, summary = train_crop_network(images, references, labels,
+                                             tiny_params().crop.model_copy(update={"precision": "bf16"}))
+    assert summary["precision"] == "bf16"  # autocast: the weights stay fp32, so the checkpoint is the same kind
+    assert {tensor.dtype for tensor in classifier.states()[0].values()} <= {torch.float32, torch.int64}

@@ -171,6 +171,7 @@ class CropParams(CropConfig):
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)  # the one-cycle schedule's peak
     seed: int
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # as train.precision
 
 
 class EvaluateParams(Section):

@@ -5,7 +5,8 @@ It learns on the reference masks' largest region, as prediction crops the predic
 crop is jittered the way a predicted mask would move it: its margin drawn from 0.2 to 0.9 of the lesion's longer
 side (a predicted region is often smaller or larger than the lesion), its centre shifted by up to a tenth of
 its side; plus mirroring and brightness and contrast. Class-weighted cross-entropy (malignant lesions are a
-third), AdamW with a one-cycle schedule. On a 2-core CPU, about 3 minutes for BUSI's training split at 40 epochs.
+third), AdamW with a one-cycle schedule, in bf16 autocast where the CPU supports it (`crop.precision`). On a
+2-core CPU, about 3 minutes for BUSI's training split at 40 epochs.
 """
 
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from busi import CLASSES, BusiError
+from busi import CLASSES, BusiError, autocast_dtype
 from busi.config import CropConfig, CropParams
 from busi.model.crop import CropClassifier, box_of, build_crop_network, cut
 from busi.model.postprocessing import keep_largest_region
@@ -45,6 +46,7 @@ def train_crop_network(images: list[np.ndarray], references: list[np.ndarray], l
     steps = params.epochs * int(np.ceil(len(lesions) / params.batch_size))
     optimizer = torch.optim.AdamW(network.parameters(), lr=params.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, params.lr, total_steps=steps, pct_start=0.1)
+    amp = autocast_dtype(params.precision, device)  # bf16 where the CPU runs it natively: about twice as fast
 
     network.train()
     for epoch in range(1, params.epochs + 1):
@@ -52,7 +54,9 @@ def train_crop_network(images: list[np.ndarray], references: list[np.ndarray], l
         for start in range(0, len(order), params.batch_size):
             batch = order[start : start + params.batch_size]
             x = torch.from_numpy(np.stack([jittered(images[lesions[i]], boxes[i], params.size, rng) for i in batch]))
-            loss = F.cross_entropy(network(x.unsqueeze(1).to(device)), target[batch].to(device), weight=weight)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = network(x.unsqueeze(1).to(device))
+            loss = F.cross_entropy(logits.float(), target[batch].to(device), weight=weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -64,7 +68,7 @@ def train_crop_network(images: list[np.ndarray], references: list[np.ndarray], l
 
     config = CropConfig(size=params.size, margin=params.margin)
     summary = {"images": len(lesions), "benign": int(counts[0]), "malignant": int(counts[1]),
-               "epochs": params.epochs, "loss": float(np.mean(losses)),
+               "epochs": params.epochs, "precision": "bf16" if amp else "fp32", "loss": float(np.mean(losses)),
                "minutes": round((time.perf_counter() - started) / 60, 2)}
     return CropClassifier([network.cpu().eval()], config), summary
 

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
-from busi import CLASSES, thread_count, tracking
+from busi import CLASSES, autocast_dtype, thread_count, tracking
 from busi.config import NetworkConfig, Params
 from busi.data.arrays import SegmentationDataset, load_split, train_transform
 from busi.files import atomic_file
@@ -315,17 +315,6 @@ def seed_worker(seed: int, worker: int) -> None:
     transform = torch.utils.data.get_worker_info().dataset.transform
     if transform is not None:
         transform.set_random_seed(seed * 1000 + worker)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the hardware runs it natively (CPU with AVX512-BF16/AMX, CUDA), else fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def is_better(value: float, best: float, monitor: str) -> bool:
