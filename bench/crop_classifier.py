@@ -201,10 +201,10 @@ def main() -> None:
     new = old.copy()
     if chosen.get("crop_weight", 0) > 0:  # the CV's own crop network has had its say in its OOF already
         print(f"{args.cv}: its predictor has a crop network (weight {chosen['crop_weight']}): its OOF is kept")
-        malignant[:] = np.nan
+    say = np.full(len(labels), np.nan) if chosen.get("crop_weight", 0) > 0 else malignant
     lesion_mass = (old["p_benign"] + old["p_malignant"]).clip(lower=1e-12)
     head = old["p_malignant"] / lesion_mass
-    share = np.where(np.isnan(malignant), head, (head + malignant) / 2)
+    share = np.where(np.isnan(say), head, (head + say) / 2)
     new["p_malignant"], new["p_benign"] = lesion_mass * share, lesion_mass * (1 - share)
     lesion_called = old["predicted_label"] != "normal"
     new.loc[lesion_called, "predicted_label"] = np.where(share > 0.5, "malignant", "benign")[lesion_called]
