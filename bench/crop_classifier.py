@@ -250,28 +250,12 @@ def report(new: pd.DataFrame, old: pd.DataFrame, cropped: np.ndarray) -> None:
               f"{value(cases[cropped], 'auc_malignant_vs_benign'):.3f}")
     print("paired, crop network + head against the head alone (2,000 resamples of the same images):")
     comparison = paired_bootstrap(new, old, 2000, 0)
-    for name in [*keys("paired"), "auc_malignant_vs_benign", "ece"]:
+    for name in [*keys("paired"), "ece"]:
         line = f"{name}: {value(new, name):.3f} against {value(old, name):.3f}"
         if name in comparison:
             c = comparison[name]
             line += f", paired {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p {c['p']:.3f}"
         print(line)
-    auc = paired_auc(new, old, 2000, np.random.default_rng(0))
-    print(f"auc_malignant_vs_benign paired {auc[0]:+.3f} [{auc[1]:+.3f}, {auc[2]:+.3f}], p {auc[3]:.3f}")
-
-
-def paired_auc(new: pd.DataFrame, old: pd.DataFrame, resamples: int, rng) -> tuple[float, float, float, float]:
-    """The malignant-vs-benign AUC difference over resamples of the same lesion images for both."""
-    lesions = np.nonzero((old["label"] != "normal").to_numpy())[0]
-    differences = []
-    for _ in range(resamples):
-        draw = rng.choice(lesions, len(lesions))
-        differences.append(value(new.iloc[draw], "auc_malignant_vs_benign")
-                           - value(old.iloc[draw], "auc_malignant_vs_benign"))
-    differences = np.array(differences)
-    p = min(1.0, 2 * min((differences <= 0).mean(), (differences >= 0).mean()))
-    return (value(new, "auc_malignant_vs_benign") - value(old, "auc_malignant_vs_benign"),
-            *np.percentile(differences, [2.5, 97.5]), p)
 
 
 if __name__ == "__main__":

@@ -532,6 +532,21 @@ def test_paired_bootstrap_on_constructed_models(tmp_path):
         paired_bootstrap(good, half.iloc[:-1], resamples=10, seed=0)
 
 
+def test_paired_bootstrap_of_the_malignant_auc(tmp_path):
+    """The malignant AUC is paired too: on 20 benign and 20 malignant images, a head that gives every malignant
+    image a higher malignant probability than every benign one (AUC 1) against one that does the opposite (AUC 0):
+    a difference of exactly +1 in every draw that holds both classes, p 0."""
+    references = [square(i % 10, i % 10, side=6) for i in range(40)]
+    labels = ["benign", "malignant"] * 20
+    right = score_masks(tmp_path / "right", references, references, labels)
+    malignant = np.array(labels) == "malignant"
+    wrong = right.copy()
+    right["p_malignant"], wrong["p_malignant"] = np.where(malignant, 0.6, 0.2), np.where(malignant, 0.2, 0.6)
+    right["p_benign"], wrong["p_benign"] = 0.9 - right["p_malignant"], 0.9 - wrong["p_malignant"]
+    auc = paired_bootstrap(right, wrong, resamples=200, seed=0)["auc_malignant_vs_benign"]
+    assert auc == {"difference": 1.0, "low": 1.0, "high": 1.0, "p": 0.0}
+
+
 def test_paired_bootstrap_draws_whole_scans(tmp_path):
     """Two models that differ on one scan only, filed ten times (ten copies: one group), among 30 scans of one
     image each. Drawn image by image, every resample holds some of the ten copies and the difference looks

@@ -192,7 +192,8 @@ def test_recipe_table_compares_out_of_fold_predictions_with_the_baseline(tmp_pat
     """Two cross-validations whose OOF tables differ only in the labels: the baseline calls one benign image
     malignant and the normal one benign; the other recipe gets all four right. Weighted F1 by hand: baseline
     benign F1 2*1/(2+2) = 0.5 (2 images), malignant 2*1/(1+2) = 0.667 (1), normal 0 (1): (1 + 0.667) / 4 = 0.417;
-    the recipe 1.0, so Δ +0.583. The masks are the same, so Δ per-image Dice is exactly 0."""
+    the recipe 1.0, so Δ +0.583. The masks are the same, so Δ per-image Dice is exactly 0, and so are the class
+    probabilities, so Δ malignant AUC is exactly 0."""
     from busi.evaluation.metrics import case_table
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -219,10 +220,11 @@ def test_recipe_table_compares_out_of_fold_predictions_with_the_baseline(tmp_pat
     assert [row[0].split(" (")[0] for row in rows] == ["today", "balanced"]  # the oldest is the baseline
     assert rows[0][0].endswith(": baseline") and rows[1][0].endswith(": train.sampling=balanced")
     assert rows[0][2].startswith("0.417 [") and rows[1][2].startswith("1.000 [")
-    assert rows[0][-2:] == ["(baseline)", "(baseline)"]
-    assert rows[1][-2].startswith("+0.583 [") and rows[1][-1] == "+0.000 [+0.000, +0.000], p 1.000"
+    assert rows[0][-3:] == ["(baseline)"] * 3  # weighted F1, per-image Dice, malignant AUC
+    assert rows[1][-3].startswith("+0.583 [") and rows[1][-2] == "+0.000 [+0.000, +0.000], p 1.000"
+    assert rows[1][-1] == "+0.000 [+0.000, +0.000], p 1.000"  # the same class probabilities: the same ranking
     named = table_rows(report(tmp_path / "again.md", None, baseline="balanced").read_text(), "## Recipes")
-    assert named[0][0].split(" (")[0] == "balanced" and named[1][-2].startswith("-0.583 [")
+    assert named[0][0].split(" (")[0] == "balanced" and named[1][-3].startswith("-0.583 [")
     with pytest.raises(BusiError, match="--baseline 'nope'"):
         report(tmp_path / "bad.md", None, baseline="nope")
 

@@ -43,7 +43,7 @@ METRICS = [  # the study's four columns first
     Metric("accuracy", "accuracy", lambda cases: float((cases["label"] == cases["predicted_label"]).mean()),
            fold=True, tolerance=0.05),
     Metric("auc_malignant_vs_benign", "malignant AUC",  # defined without normal images too
-           lambda cases: malignant_vs_benign(cases).get("auc_malignant_vs_benign"), interval=True),
+           lambda cases: malignant_vs_benign(cases).get("auc_malignant_vs_benign"), interval=True, paired=True),
     Metric("ece", "ECE", lambda cases: expected_calibration_error(cases), interval=True),  # lower is better
     Metric("per_class.malignant.dice", "malignant Dice", segmentation("dice", "malignant")),
     Metric("normal_fp_rate", "normal FP rate", segmentation("normal_fp_rate"), paired=True),  # lower is better
