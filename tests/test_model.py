@@ -36,6 +36,30 @@ def test_max_pooling_and_no_attention_are_options():
     assert any("SCSE" in type(m).__name__ for m in build_model(model_params()).modules())
 
 
+def test_deep_supervision_heads_train_and_stay_out_of_inference():
+    from torch.optim.swa_utils import AveragedModel
+
+    from busi.model.network import coarse_mask_logits
+
+    torch.manual_seed(0)
+    model = build_model(model_params(deep_supervision=2)).train()
+    model(torch.rand(2, 1, 64, 64))
+    coarse = coarse_mask_logits(model)
+    assert [logits.shape for logits in coarse] == [(2, 1, 32, 32), (2, 1, 16, 16)]  # finest first: 1/2, 1/4
+    assert coarse_mask_logits(model) == []  # read once
+    copy = AveragedModel(model).module.train()  # the EMA's copy keeps into its own heads, not the original's
+    copy(torch.rand(1, 1, 64, 64))
+    assert coarse_mask_logits(model) == [] and len(coarse_mask_logits(copy)) == 2
+    model.eval()
+    with torch.no_grad():
+        mask_logits, _ = model(torch.rand(1, 1, 64, 64))
+    assert mask_logits.shape == (1, 1, 64, 64) and coarse_mask_logits(model) == []  # inference: the last stage
+    plain = build_model(model_params())  # the same network without the heads: only they are new
+    extra = set(model.state_dict()) - set(plain.state_dict())
+    assert extra and all(key.startswith("deep_supervision.heads.") for key in extra)
+    assert set(plain.state_dict()) <= set(model.state_dict())
+
+
 def test_unknown_encoder_lists_close_matches():
     with pytest.raises(BusiError, match=r"model.encoder: unknown encoder 'resnet5'; did you mean .*resnet50"):
         build_model(model_params(encoder="resnet5"))

@@ -99,6 +99,21 @@ def test_the_dice_per_lesion_image_by_hand():
         0.25 + torch.nn.functional.binary_cross_entropy_with_logits(logits, masks).item(), abs=1e-4)
 
 
+def test_deep_supervision_scores_the_coarse_logits_by_hand():
+    # One 4x4 image, its lesion the top-left 2x2 block. The full-size logits are 0 (probability 0.5 everywhere):
+    # BCE ln 2; Dice overlap 0.5 * 4 = 2, sizes 8 + 4, so 1 - 4/12 = 2/3. The 2x2 coarse logits find the mask
+    # averaged down to [[1, 0], [0, 0]] exactly (+-30): Dice and BCE about 0. Weights 1 and 1/2, summing to 1.
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    full, coarse = torch.zeros(1, 1, 4, 4), torch.tensor([[30.0, -30], [-30, -30]]).reshape(1, 1, 2, 2)
+    loss = SegmentationLoss(torch.ones(3), 0.0, per_image=True)
+    args = torch.zeros(1, 3), mask, torch.zeros(1, dtype=torch.long)
+    assert loss(full, *args).item() == pytest.approx(2 / 3 + np.log(2), abs=1e-5)
+    assert loss(full, *args, [coarse]).item() == pytest.approx((2 / 3 + np.log(2)) / 1.5, abs=1e-5)
+    # Coarse logits that miss add their own loss at half weight: 0 everywhere at 2x2 scores as the full size does.
+    assert loss(full, *args, [torch.zeros(1, 1, 2, 2)]).item() == pytest.approx(2 / 3 + np.log(2), abs=1e-5)
+
+
 def test_balanced_sampling_draws_each_class_alike():
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
     arrays = {"images": np.zeros((100, 8, 8), np.uint8), "masks": np.zeros((100, 8, 8), np.uint8), "labels": labels}

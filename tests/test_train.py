@@ -56,6 +56,17 @@ def test_the_moving_average_is_validated_and_saved_beside_the_raw_weights(proces
     assert not all(torch.equal(best["model"][key], last["model"][key]) for key in averaged)  # not the raw weights
 
 
+def test_a_deeply_supervised_network_trains_and_reloads(processed, tmp_path, store):
+    params = tiny_params(epochs=1, max_train_images=8)
+    params = params.model_copy(update={"model": params.model.model_copy(update={"deep_supervision": 2})})
+    train(processed, params, tmp_path / "models", tmp_path / "train.json", tmp_path / "history.csv")
+    model, config, _ = load_checkpoint(tmp_path / "models")  # rebuilt from its configuration, heads and all
+    assert config.model.deep_supervision == 2
+    assert any(key.startswith("deep_supervision.heads.") for key in model.state_dict())
+    mask_logits, _ = model(torch.rand(1, 1, SIZE, SIZE))
+    assert mask_logits.shape == (1, 1, SIZE, SIZE)
+
+
 def read_last(path):
     try:
         return torch.load(path, weights_only=True)

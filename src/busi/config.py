@@ -100,6 +100,9 @@ class ModelParams(Section):
     # What the classification head sees: `global` pools the deepest encoder features over the whole image;
     # `lesion` adds the same features pooled under the predicted lesion (last two encoder stages).
     class_head: Literal["global", "lesion"] = "global"
+    # nnU-Net's deep supervision: this many decoder stages before the last (1/2, 1/4, ... of the image) get a 1x1
+    # lesion head of their own, scored by the loss against the downsampled mask while training; 0 = off.
+    deep_supervision: int = Field(0, ge=0, le=3)
 
 
 class Probability(Section):

@@ -30,7 +30,7 @@ from busi.config import NetworkConfig, Params
 from busi.data.arrays import SegmentationDataset, load_split, train_transform
 from busi.files import atomic_file
 from busi.model.checkpoint import save_checkpoint
-from busi.model.network import build_model
+from busi.model.network import build_model, coarse_mask_logits
 from busi.pretraining import pretrain
 
 MINIMIZED = {"val_loss"}  # every other monitor (dice, iou, accuracy, F1, score) is maximised
@@ -201,7 +201,9 @@ def progress_line(row: dict, epochs: int, seconds: list[float], best: dict, moni
 
 class SegmentationLoss(nn.Module):
     """Dice + BCE on the lesion mask, plus class-balanced cross-entropy on the label (times `class_weight`). The
-    Dice pools the batch's pixels, or with `per_image` is taken per lesion image and averaged."""
+    Dice pools the batch's pixels, or with `per_image` is taken per lesion image and averaged. With deep
+    supervision, the coarse lesion logits (finest first) are scored the same way against the mask averaged down to
+    their size, each stage weighing half the one above (nnU-Net's weights), the weights summing to 1."""
 
     def __init__(self, class_weights: torch.Tensor, class_weight: float, label_smoothing: float = 0.0,
                  per_image: bool = False):
@@ -211,10 +213,13 @@ class SegmentationLoss(nn.Module):
         self.cross_entropy = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         self.class_weight = class_weight
 
-    def forward(self, mask_logits, class_logits, masks, labels):
-        mask_logits, class_logits = mask_logits.float(), class_logits.float()
-        return (self.dice(mask_logits, masks) + self.bce(mask_logits, masks)
-                + self.class_weight * self.cross_entropy(class_logits, labels))
+    def forward(self, mask_logits, class_logits, masks, labels, coarse_mask_logits=()):
+        scored = [(mask_logits, masks), *((logits, nn.functional.interpolate(masks, logits.shape[-2:], mode="area"))
+                                          for logits in coarse_mask_logits)]
+        weights = [0.5**stage for stage in range(len(scored))]
+        mask_loss = sum(weight * (self.dice(logits.float(), target) + self.bce(logits.float(), target))
+                        for weight, (logits, target) in zip(weights, scored, strict=True)) / sum(weights)
+        return mask_loss + self.class_weight * self.cross_entropy(class_logits.float(), labels)
 
 
 def image_dice_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -245,7 +250,7 @@ def run_epoch(model, batches, loss_fn, device, amp_dtype, optimizer=None, ema=No
             masks, labels = masks.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 mask_logits, class_logits = model(images)
-                loss = loss_fn(mask_logits, class_logits, masks, labels)
+                loss = loss_fn(mask_logits, class_logits, masks, labels, coarse_mask_logits(model))
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

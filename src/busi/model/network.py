@@ -1,10 +1,12 @@
 """One factory for every model: a segmentation_models_pytorch U-Net with one input channel, optional
 scSE attention in the decoder and a normal/benign/malignant classification head, which sees either the whole
-image (smp's head) or also the predicted lesion (`LesionHead`)."""
+image (smp's head) or also the predicted lesion (`LesionHead`), and optionally deeply supervised
+(`DeepSupervision`, training only)."""
 
 import difflib
 import os
 import socket
+from functools import partial
 
 import segmentation_models_pytorch as smp
 import torch
@@ -33,6 +35,8 @@ def build_model(params: ModelParams) -> nn.Module:
     )
     if params.pooling == "avg":
         replace_max_pooling(model.encoder)
+    if params.deep_supervision:
+        model.deep_supervision = DeepSupervision(model.decoder, params.deep_supervision)
     return model
 
 
@@ -70,6 +74,38 @@ class LesionHead(nn.Module):
             weight = nn.functional.adaptive_avg_pool2d(lesion, feature.shape[-2:]).to(feature.dtype)
             pooled += [feature.mean((2, 3)), (feature * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1e-3)]
         return self.linear(self.dropout(torch.cat(pooled, 1)))
+
+
+class DeepSupervision(nn.Module):
+    """nnU-Net's deep supervision on an smp U-Net: a 1x1 lesion head on each of the `stages` decoder blocks before
+    the last (finest first: 1/2, 1/4, ... of the image), which the loss scores against the downsampled mask, so that
+    the coarse stages learn where the lesion is rather than only pass features on. Forward hooks keep the blocks'
+    outputs as smp's decoder computes them (its forward runs unchanged), in training mode only: inference reads the
+    last block alone, as without deep supervision. The hooks are bound methods, so a copy of the network (the EMA's)
+    keeps into its own copy."""
+
+    def __init__(self, decoder: nn.Module, stages: int):
+        super().__init__()
+        blocks = list(decoder.blocks)[-1 - stages : -1][::-1]
+        self.heads = nn.ModuleList(nn.Conv2d(block.conv2[0].out_channels, 1, kernel_size=1) for block in blocks)
+        self.kept: list[torch.Tensor | None] = [None] * stages
+        for index, block in enumerate(blocks):
+            block.register_forward_hook(partial(self.keep, index))
+
+    def keep(self, index: int, block: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.training:
+            self.kept[index] = output
+
+    def logits(self) -> list[torch.Tensor]:
+        """The heads' lesion logits of the last forward pass in training mode (finest first), then forgotten."""
+        kept, self.kept = self.kept, [None] * len(self.heads)
+        return [head(features) for head, features in zip(self.heads, kept, strict=True) if features is not None]
+
+
+def coarse_mask_logits(model: nn.Module) -> list[torch.Tensor]:
+    """The deep supervision's lesion logits of `model`'s last training forward pass; [] without it or in eval."""
+    supervision = getattr(model, "deep_supervision", None)
+    return supervision.logits() if isinstance(supervision, DeepSupervision) else []
 
 
 def check_encoder(name: str) -> None:
