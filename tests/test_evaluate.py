@@ -307,7 +307,7 @@ def test_evaluate_end_to_end_adds_to_the_training_run(processed, synthetic_sourc
     val, test = np.load(processed / "val.npz"), np.load(processed / "test.npz")
     assert chosen_on == [list(val["ids"])]
     headline = {"images", "iou", "dice", "pixel_accuracy", "dice_per_image", "normal_fp_rate", "f1_weighted",
-                "accuracy", "auc_malignant_vs_benign", "ece"}  # METRICS' top-level keys
+                "accuracy", "auc_malignant_vs_benign", "ece", "ece_by_chance"}  # METRICS' top-level keys
     metrics = json.loads((tmp_path / "test_detail.json").read_text())
     assert headline | {"iou_per_image", "dice_per_image_all", "f1_macro", "roc_auc_ovr", "f1_malignant_vs_benign",
                        "confusion", "per_class", "ci95", "postprocessing"} == set(metrics)

@@ -8,7 +8,7 @@ import torch
 
 from busi.config import EvaluateParams
 from busi.data.arrays import SegmentationDataset
-from busi.evaluation.metrics import case_table, expected_calibration_error, summary
+from busi.evaluation.metrics import case_table, ece_by_chance, expected_calibration_error, summary
 from busi.evaluation.postprocessing import decide, fit_temperature
 from busi.model.network import LesionHead, build_model
 from busi.model.postprocessing import PostProcessing
@@ -29,6 +29,17 @@ def test_expected_calibration_error_by_hand():
     assert expected_calibration_error(cases) == pytest.approx(0.425)
     perfect = probabilities_table(["benign", "malignant"], [[0, 1, 0], [0, 0, 1]])
     assert expected_calibration_error(perfect) == 0
+
+
+def test_ece_by_chance_by_hand():
+    # Labels drawn from the probabilities themselves. Certain probabilities: the label is the top class every
+    # draw, ECE 0. One image at (0.5, 0.5, 0): right or wrong, its one bin is 0.5 off, ECE 0.5 every draw.
+    assert (ece_by_chance(np.array([[1.0, 0, 0], [0, 0, 1.0]]), draws=50) == 0).all()
+    assert np.allclose(ece_by_chance(np.array([[0.5, 0.5, 0]]), draws=50), 0.5)
+    # Two images at (0.5, 0.5, 0): both right or both wrong (half the draws) 0.5, one of each 0; and a
+    # third class of probability 0 is never drawn.
+    draws = ece_by_chance(np.array([[0.5, 0.5, 0], [0.5, 0.5, 0]]), draws=4000)
+    assert set(np.round(draws, 9)) == {0.0, 0.5} and abs(draws.mean() - 0.25) < 0.03
 
 
 def test_the_temperature_fitted_softens_overconfident_probabilities():

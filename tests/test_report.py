@@ -97,13 +97,13 @@ def test_table_has_one_row_per_evaluated_run_beside_the_study(store, tmp_path):
     plain, scse = summaries["resnet18-plain"], summaries["resnet18-scse"]
     no_lesion = rows.pop()  # no Dice: last
     assert no_lesion[0].startswith("no-lesion (") and no_lesion[4:] == ["?", "?", "–", "–", "–", "–", "0.990", "–",
-                                                                         "–", "–", "–", "–", "–", "–"]
+                                                                         "–", "–", "–", "–", "–", "–", "–"]
     assert rows == [  # best validation Dice first, then the runs without one by test Dice
         [f"resnet18-scse (`{scse['run_id'][:8]}`)", "resnet18", "scse", "none", "64",
          f"2 / {scse['best_epoch']}", "0.700", "0.750", "0.412 [0.350, 0.470]", "0.580 [0.520, 0.635]", "0.951",
-         "0.877", "0.550", "–", "–", "–", "0.500", "–"],  # accuracy, AUC, ECE not logged
+         "0.877", "0.550", "–", "–", "–", "–", "0.500", "–"],  # accuracy, AUC, ECEs not logged
         [f"resnet18-plain (`{plain['run_id'][:8]}`)", "resnet18", "none", "none", "64",
-         f"3 / {plain['best_epoch']}", "–", "–", "0.500", "0.660", "0.960", "0.800", "–", "–", "–", "–", "–", "–"],
+         f"3 / {plain['best_epoch']}", "–", "–", "0.500", "0.660", "0.960", "0.800", "–", "–", "–", "–", "–", "–", "–"],
     ]
     assert "Not evaluated (no test metrics; their curves are in the figure): not-evaluated (`" in text
     assert "crashed" not in text and "left out: 1 runs not finished" in text

@@ -45,6 +45,9 @@ METRICS = [  # the study's four columns first
     Metric("auc_malignant_vs_benign", "malignant AUC",  # defined without normal images too
            lambda cases: malignant_vs_benign(cases).get("auc_malignant_vs_benign"), interval=True, paired=True),
     Metric("ece", "ECE", lambda cases: expected_calibration_error(cases), interval=True),  # lower is better
+    # ECE is biased upward on few images: what a perfectly calibrated model with these probabilities would show
+    Metric("ece_by_chance", "ECE by chance",
+           lambda cases: float(np.median(ece_by_chance(cases[PROBABILITY_COLUMNS].to_numpy(float))))),
     Metric("per_class.malignant.dice", "malignant Dice", segmentation("dice", "malignant")),
     Metric("normal_fp_rate", "normal FP rate", segmentation("normal_fp_rate"), paired=True),  # lower is better
 ]
@@ -173,12 +176,28 @@ def expected_calibration_error(cases: pd.DataFrame) -> float:
     """Top-label ECE: images binned by the probability of their most probable class (10 equal-width bins); the
     gap between each bin's mean probability and its accuracy, weighted by the bin's share of images."""
     probabilities = cases[PROBABILITY_COLUMNS].to_numpy(float)
-    confidence = probabilities.max(1)
     correct = np.asarray(CLASSES)[probabilities.argmax(1)] == cases["label"].to_numpy()
+    return calibration_gap(probabilities.max(1), correct)
+
+
+def calibration_gap(confidence: np.ndarray, correct: np.ndarray) -> float:
     bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
     gaps = [abs(confidence[bins == b].mean() - correct[bins == b].mean()) * (bins == b).mean()
             for b in np.unique(bins)]
     return float(np.sum(gaps))
+
+
+def ece_by_chance(probabilities: np.ndarray, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """The ECE of `draws` sets of labels drawn from the class probabilities [N, classes] themselves: what a
+    perfectly calibrated model with these probabilities shows on N images. ECE is biased upward on few images
+    (about 0.07 on 115 test images, 0.03 on 645 OOF ones, at this model's confidence), so a split's ECE reads
+    against this, not against 0."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    cumulative = np.cumsum(probabilities / probabilities.sum(1, keepdims=True), axis=1)
+    uniform = np.random.default_rng(seed).random((draws, len(probabilities), 1))
+    labels = (uniform > cumulative[None, :, :-1]).sum(2)  # [draws, N]: inverse-CDF sampling
+    confidence, top = probabilities.max(1), probabilities.argmax(1)
+    return np.array([calibration_gap(confidence, top == drawn) for drawn in labels])
 
 
 def f1_weighted(actual, predicted) -> float:
