@@ -21,17 +21,19 @@ def model_params(**changes):
 
 @pytest.mark.parametrize("encoder", ["vgg16", "vgg19", "resnet50", "dpn68"])
 def test_the_study_encoders_build_with_one_channel_and_two_outputs(encoder):
-    model = build_model(model_params(encoder=encoder)).eval()
+    model = build_model(model_params(encoder=encoder, pooling="avg")).eval()  # the study's average pooling
     with torch.no_grad():
         mask_logits, class_logits = model(torch.rand(1, 1, 64, 64))
     assert mask_logits.shape == (1, 1, 64, 64) and class_logits.shape == (1, 3)
-    assert not any(isinstance(m, nn.MaxPool2d) for m in model.encoder.modules())  # pooling: avg
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.encoder.modules())
     assert any(isinstance(m, nn.AvgPool2d) for m in model.encoder.modules())
 
 
-def test_max_pooling_and_no_attention_are_options():
-    model = build_model(model_params(pooling="max", attention=None))
+def test_max_pooling_the_default_and_no_attention_an_option():
+    assert PARAMS.model.pooling == "max"  # the encoder keeps its own pooling (reports/recipes.md)
+    model = build_model(model_params(attention=None))
     assert any(isinstance(m, nn.MaxPool2d) for m in model.encoder.modules())
+    assert not any(isinstance(m, nn.AvgPool2d) for m in model.encoder.modules())
     assert not any("SCSE" in type(m).__name__ for m in model.modules())
     assert any("SCSE" in type(m).__name__ for m in build_model(model_params()).modules())
 
