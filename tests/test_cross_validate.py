@@ -26,9 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, synthetic_source, tmp_path, store):
     splits = processed.parent / "splits.csv"  # 2 folds (conftest)
     params = tiny_params(epochs=1)
-    # Average pooling: its one-epoch networks draw lesions on the synthetic images (max pooling's draw none yet),
-    # so the report's paired difference below has something to show.
-    params = params.model_copy(update={"model": params.model.model_copy(update={"pooling": "avg"})})
     auto = {step: "auto" for step in params.evaluate.postprocessing}  # to decide, not as params.yaml set them
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"bootstrap": 20,
                                                                                        "postprocessing": auto})})
