@@ -196,8 +196,10 @@ def ece_by_chance(probabilities: np.ndarray, draws: int = 1000, seed: int = 0) -
     cumulative = np.cumsum(probabilities / probabilities.sum(1, keepdims=True), axis=1)
     uniform = np.random.default_rng(seed).random((draws, len(probabilities), 1))
     labels = (uniform > cumulative[None, :, :-1]).sum(2)  # [draws, N]: inverse-CDF sampling
-    confidence, top = probabilities.max(1), probabilities.argmax(1)
-    return np.array([calibration_gap(confidence, top == drawn) for drawn in labels])
+    confidence, correct = probabilities.max(1), labels == probabilities.argmax(1)
+    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)  # fixed across draws: binned once
+    return sum(abs(confidence[bins == b].mean() - correct[:, bins == b].mean(1)) * (bins == b).mean()
+               for b in np.unique(bins))
 
 
 def f1_weighted(actual, predicted) -> float:
