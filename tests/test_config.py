@@ -36,6 +36,8 @@ def test_repository_params_are_valid():
         (lambda p: p.pop("preprocess"), "preprocess: Field required"),
         (lambda p: p.update(trian={}), "trian: Extra inputs are not permitted"),
         (lambda p: p["train"].update(ema=1.0), "train.ema: Input should be less than 1"),
+        (lambda p: p["train"].update(monitor="last", scheduler="plateau"),
+         "train: monitor: last watches no validation metric, which scheduler: plateau needs"),
         (lambda p: p["evaluate"]["postprocessing"].update(flip_tta="yes"),
          "evaluate.postprocessing.flip_tta: 'yes' is not auto, on, off"),
         (lambda p: p["evaluate"]["postprocessing"].update(min_lesion_area=1.5),

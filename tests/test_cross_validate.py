@@ -33,6 +33,8 @@ def test_every_fold_trains_and_the_ensemble_is_one_predictor(processed, syntheti
                             raw_dir=synthetic_source)
 
     assert result["folds"] == 2 and set(result["per_fold"]) == {"0", "1"}
+    for k in (0, 1):  # a fold keeps its last epoch: the held-out images it validates on never choose it
+        assert json.loads((tmp_path / f"cv/folds/fold-{k}/train.json").read_text())["monitor"] == "last"
     for name in ("dice", "f1_weighted"):
         values = [result["per_fold"][fold][name] for fold in ("0", "1")]
         assert result["mean"][name] == pytest.approx(np.mean(values))
@@ -93,6 +95,14 @@ def test_a_split_without_folds_is_one_error(processed, tmp_path, store):
     (tmp_path / "splits.csv").write_text("image_id,label,split,group,fold\n")
     with pytest.raises(BusiError, match="splits.csv: .* train/val images have no fold"):
         cross_validate(processed, tmp_path / "splits.csv", processed.parent / "masks", tiny_params(), tmp_path / "cv")
+
+
+def test_a_schedule_that_watches_the_held_out_images_is_refused_before_anything_runs(processed, tmp_path, store):
+    params = tiny_params(scheduler="plateau", monitor="val_dice")
+    with pytest.raises(BusiError, match="^grid entry 'steps': train.scheduler: plateau lowers the learning rate on "):
+        cross_validate(processed, processed.parent / "splits.csv", processed.parent / "masks", params,
+                       tmp_path / "cv", grid={"steps": params})
+    assert not (tmp_path / "cv").exists() and not store.search_runs(["0"])
 
 
 def test_a_grid_trains_fold_by_fold_so_a_stopped_grid_holds_paired_folds(processed, tmp_path, store, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from busi.model.checkpoint import load_checkpoint
-from busi.training import progress_line, train
+from busi.training import is_better, progress_line, train
 from conftest import SIZE, run_env, tiny_params
 
 
@@ -113,6 +113,24 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(processed, tmp_pat
     assert summary["run_id"] != json.loads((tmp_path / "a.json").read_text())["run_id"]
 
 
+def test_monitor_last_keeps_the_final_epoch_with_no_early_stopping(processed, tmp_path, store):
+    # patience 1: a picking monitor would stop after the first epoch that fails to improve; "last" never stops.
+    summary = train(processed, tiny_params(epochs=3, monitor="last", patience=1, ema=0.5), tmp_path / "models",
+                    tmp_path / "train.json", tmp_path / "history.csv")
+    assert summary["epochs_run"] == 3 and summary["best_epoch"] == 3 and summary["monitor"] == "last"
+    best = torch.load(tmp_path / "models/best.pt", weights_only=True)
+    last = torch.load(tmp_path / "models/last.pt", weights_only=True)
+    averaged = {key.removeprefix("module."): value for key, value in last["ema"].items() if key != "n_averaged"}
+    assert best["epoch"] == 3 and all(torch.equal(best["model"][key], averaged[key]) for key in averaged)
+
+
+def test_a_row_replaces_the_kept_one_by_the_monitor():
+    kept, row = {"val_dice": 0.60, "val_loss": 1.00}, {"val_dice": 0.58, "val_loss": 0.90}
+    assert not is_better(row, kept, "val_dice")  # Dice is maximised: 0.58 < 0.60
+    assert is_better(row, kept, "val_loss")  # the loss is minimised: 0.90 < 1.00
+    assert is_better(row, kept, "last") and is_better(kept, row, "last")  # every epoch replaces the last
+
+
 def test_the_epoch_line_says_what_it_shows():
     row = {"epoch": 3, "train_loss": 1.23456, "train_iou": 0.3691, "val_loss": 1.0861, "val_iou": 0.419,
            "val_dice": 0.5912, "val_accuracy": 0.4871, "train_images_per_s": 28.66}
@@ -121,6 +139,7 @@ def test_the_epoch_line_says_what_it_shows():
     assert progress_line(row, 10, [20.0, 22.0, 24.0], best, "val_dice") == (
         "epoch 3/10  train: loss 1.2346 iou 0.369  val: loss 1.0861 iou 0.419 dice 0.591 acc 0.487  |  "
         "24 s (28.7 img/s), at most 2.6 min left  |  best val_dice 0.600 (epoch 2)")
+    assert progress_line(row, 10, [20.0, 22.0, 24.0], row, "last").endswith("min left  |  the last epoch kept")
 
 
 def start_training(tmp_path, processed, store, epochs: int):

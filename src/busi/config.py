@@ -151,8 +151,10 @@ class TrainParams(Section):
     # uniform: every image once an epoch, the cross-entropy weighted by class; balanced: images drawn with
     # replacement so that each class is a third of every epoch, the cross-entropy unweighted.
     sampling: Literal["uniform", "balanced"] = "uniform"
-    # picks the best checkpoint; val_score is the mean of validation Dice and weighted F1 (both tasks)
-    monitor: Literal["val_dice", "val_iou", "val_loss", "val_accuracy", "val_f1_weighted", "val_score"]
+    # picks the kept checkpoint on validation (val_score: the mean of validation Dice and weighted F1, both
+    # tasks), or last: the final epoch's weights, none picked, no early stopping (as a fold of busi
+    # cross-validate always keeps them: its validation images are the held-out ones it is scored on)
+    monitor: Literal["last", "val_dice", "val_iou", "val_loss", "val_accuracy", "val_f1_weighted", "val_score"]
     patience: int = Field(ge=1)  # early stopping: epochs without a better monitor value
     # epochs of self-supervised pretraining (the U-Net restores distorted training images) before the masks
     pretrain_epochs: int = Field(default=0, ge=0)
@@ -160,6 +162,13 @@ class TrainParams(Section):
     validate_raw: bool  # with EMA, also validate the raw weights each epoch (val_raw_* in the history)
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast where the CPU supports it, AMP on CUDA
     max_train_images: int = Field(ge=0)  # 0: all; a smaller number makes quick smoke runs
+
+    @model_validator(mode="after")
+    def _plateau_watches_a_metric(self):
+        if self.monitor == "last" and self.scheduler == "plateau":
+            raise ValueError("monitor: last watches no validation metric, which scheduler: plateau needs; "
+                             "use scheduler: cosine, or a val_* monitor")
+        return self
 
 
 class CropConfig(Section):

@@ -173,7 +173,7 @@ def fit(parts: Parts, params: Params, train_arrays: dict, val_arrays: dict, prog
             row |= {f"val_raw_{k}": raw_stats[k] for k in ("dice", "iou", "accuracy")}
         progress.history.append(row)
         on_epoch(row)
-        if progress.best is None or is_better(row[cfg.monitor], progress.best[cfg.monitor], cfg.monitor):
+        if progress.best is None or is_better(row, progress.best, cfg.monitor):
             progress.best = row
             save_checkpoint(best_path, p.ema.module if p.ema else p.model, p.network, epoch=epoch)
         if cfg.scheduler == "cosine":
@@ -193,10 +193,11 @@ def progress_line(row: dict, epochs: int, seconds: list[float], best: dict, moni
     """One line per epoch that says what it shows: train and validation apart, the epoch's time, the time left
     if training runs to the last epoch (early stopping may end it sooner), and the best epoch so far."""
     left = (epochs - row["epoch"]) * sum(seconds) / len(seconds)
+    kept = "the last epoch kept" if monitor == "last" else f"best {monitor} {best[monitor]:.3f} (epoch {best['epoch']})"
     return (f"epoch {row['epoch']}/{epochs}  train: loss {row['train_loss']:.4f} iou {row['train_iou']:.3f}  "
             f"val: loss {row['val_loss']:.4f} iou {row['val_iou']:.3f} dice {row['val_dice']:.3f} "
             f"acc {row['val_accuracy']:.3f}  |  {seconds[-1]:.0f} s ({row['train_images_per_s']:.1f} img/s), "
-            f"at most {left / 60:.1f} min left  |  best {monitor} {best[monitor]:.3f} (epoch {best['epoch']})")
+            f"at most {left / 60:.1f} min left  |  {kept}")
 
 
 class SegmentationLoss(nn.Module):
@@ -322,8 +323,11 @@ def seed_worker(seed: int, worker: int) -> None:
         transform.set_random_seed(seed * 1000 + worker)
 
 
-def is_better(value: float, best: float, monitor: str) -> bool:
-    return value < best if monitor in MINIMIZED else value > best
+def is_better(row: dict, best: dict, monitor: str) -> bool:
+    """Whether this epoch's row replaces the kept one: always with monitor "last" (nothing is picked)."""
+    if monitor == "last":
+        return True
+    return row[monitor] < best[monitor] if monitor in MINIMIZED else row[monitor] > best[monitor]
 
 
 def params_fingerprint(params: Params) -> str:

@@ -68,8 +68,8 @@ def report(out_md: Path, experiment: str | None = None, where: str = "", baselin
 def read_curves(runs: list[Run]) -> dict[str, dict[str, dict[int, float]]]:
     """{run id: {metric: {epoch: value}}} for the plotted metrics and the monitor that picked the best epoch."""
     plotted = [key for key, _ in CURVES]
-    return {run.info.run_id: {key: tracking.metric_history(run.info.run_id, key) for key in {*plotted, monitor(run)}}
-            for run in runs}
+    return {run.info.run_id: {key: tracking.metric_history(run.info.run_id, key)
+                              for key in {*plotted, monitor(run)} - {"last"}} for run in runs}
 
 
 def monitor(run: Run) -> str:
@@ -77,10 +77,13 @@ def monitor(run: Run) -> str:
 
 
 def epochs(run: Run, curves: dict[str, dict[int, float]]) -> str:
-    """Epochs trained / the epoch the checkpoint kept: the monitor's first best value, as train.py picks it."""
-    values = curves[monitor(run)]
+    """Epochs trained / the epoch the checkpoint kept: the monitor's first best value, as train.py picks it (the
+    last epoch with monitor "last")."""
+    values = curves["val_loss" if monitor(run) == "last" else monitor(run)]
     if not values:
         return "?"
+    if monitor(run) == "last":
+        return f"{len(values)} / {max(values)}"
     pick = min if monitor(run).endswith("loss") else max  # train.py minimises val_loss, maximises the rest
     best = pick(values.values())
     return f"{len(values)} / {min(step for step, value in values.items() if value == best)}"

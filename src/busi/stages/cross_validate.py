@@ -2,8 +2,9 @@
 every fold of train+val, and its fold ensemble scored once on the test split, as nnU-Net reports a model.
 
 1. For each fold of data/splits.csv (group-aware, stratified: copies of a scan never straddle two folds), train
-   on the other folds and validate on it (busi.training, unchanged: each fold is an MLflow child run), here
-   or as Ray tasks (busi.distributed); a grid file trains several configurations' folds at once.
+   on the other folds and validate on it (busi.training: each fold is an MLflow child run), here or as Ray tasks
+   (busi.distributed); a grid file trains several configurations' folds at once. A fold keeps its last epoch
+   (`fold_params`): its validation images are the held-out ones, which must not choose what scores them.
 2. Each fold's crop network (busi.model.crop) learns on the same training images, here, after the folds
    (`folds/fold-<k>/crop.pt`, kept while params' crop section is the same).
 3. Predict every train+val image with the networks that did not see it: the out-of-fold (OOF) predictions.
@@ -47,7 +48,7 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
     folds train at once (on Ray, busi.distributed, when RAY_ADDRESS is set), each configuration in
     `<out_dir>/<name>`; returns {name: summary}."""
     started = time.perf_counter()
-    configs = grid or {"": params}
+    configs = {name: fold_params(config, name) for name, config in (grid or {"": params}).items()}
     pool = concatenate(load_split(data_dir, "train"), load_split(data_dir, "val"))
     test = load_split(data_dir, "test")
     fold_of = folds_of(pool["ids"], splits_csv)
@@ -80,6 +81,17 @@ def cross_validate(data_dir: Path, splits_csv: Path, masks_dir: Path, params: Pa
                 tracking.end_parent_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     return results if grid else results[""]
+
+
+def fold_params(params: Params, name: str = "") -> Params:
+    """A fold's training params: the recipe's, with the last epoch kept (`train.monitor: last`). A fold validates
+    on its held-out images, whose OOF predictions judge the recipe: a checkpoint picked, or a training stopped,
+    on them would be scored on the images that chose it (nnU-Net, too, scores a fold's final weights)."""
+    if params.train.scheduler == "plateau":
+        raise BusiError(f"{f'grid entry {name!r}: ' if name else ''}train.scheduler: plateau lowers the learning "
+                        "rate on the validation metric, which in a fold is the held-out images the OOF predictions "
+                        "score; cross-validate with scheduler: cosine")
+    return params.model_copy(update={"train": params.train.model_copy(update={"monitor": "last"})})
 
 
 def score_folds(pool: dict, fold_of: np.ndarray, folds: list[int], test: dict, masks_dir: Path, params: Params,
